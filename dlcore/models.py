@@ -1,0 +1,197 @@
+"""Encoders, decoders and heads as small builders; every encoder carries ``out_dim``.
+
+Encoder, decoder and head are separate modules so that any encoder can be frozen, reused
+under a fresh head, or paired with a new decoder (E2's classifier decoding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+
+def _with_dim(module: nn.Module, out_dim: int) -> nn.Module:
+    module.out_dim = out_dim
+    return module
+
+
+def mlp_encoder(image_shape: tuple[int, int, int], hidden: tuple[int, ...] = (512, 128), latent_dim: int = 128) -> nn.Module:
+    """E5's encoder: 784 -> 512 -> 128 -> 128, ReLU after all but the last layer."""
+    dims = [math.prod(image_shape), *hidden, latent_dim]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return _with_dim(nn.Sequential(*layers), latent_dim)
+
+
+def mlp_decoder(
+    image_shape: tuple[int, int, int], hidden: tuple[int, ...] = (512, 128), latent_dim: int = 128, sigmoid: bool = False
+) -> nn.Module:
+    """The mirror of ``mlp_encoder``: 128 -> 128 -> 512 -> 784, no activation at the end (E5) unless ``sigmoid``."""
+    dims = [latent_dim, *reversed(hidden), math.prod(image_shape)]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    if sigmoid:
+        layers.append(nn.Sigmoid())
+    layers.append(nn.Unflatten(1, image_shape))
+    return nn.Sequential(*layers)
+
+
+def _conv_block(a: int, b: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(a, b, 3, stride, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+
+
+def _coarsest(image_shape: tuple[int, int, int], channels: tuple[int, ...]) -> tuple[int, int, int]:
+    size = image_shape[1]
+    for _ in channels:
+        size = (size + 1) // 2
+    return channels[-1], size, size
+
+
+def conv_encoder(
+    image_shape: tuple[int, int, int],
+    channels: tuple[int, ...] = (32, 64),
+    latent_dim: int = 12,
+    fc_hidden: int = 0,
+) -> nn.Module:
+    """Stride-2 conv blocks down to the coarsest grid, then FC layer(s) to ``latent_dim`` (E1, E2).
+
+    MNIST with channels (32, 64): 28 -> 14 -> 7, then 64*7*7 -> [fc_hidden ->] d.
+    """
+    layers: list[nn.Module] = []
+    prev = image_shape[0]
+    for c in channels:
+        layers.append(_conv_block(prev, c, 2))
+        prev = c
+    flat = math.prod(_coarsest(image_shape, channels))
+    layers.append(nn.Flatten())
+    if fc_hidden:
+        layers += [nn.Linear(flat, fc_hidden), nn.ReLU(inplace=True)]
+        flat = fc_hidden
+    layers.append(nn.Linear(flat, latent_dim))
+    return _with_dim(nn.Sequential(*layers), latent_dim)
+
+
+def conv_decoder(
+    image_shape: tuple[int, int, int],
+    channels: tuple[int, ...] = (32, 64),
+    latent_dim: int = 12,
+    fc_hidden: int = 0,
+    sigmoid: bool = True,
+) -> nn.Module:
+    """The mirror of ``conv_encoder``: FC to the coarsest grid, stride-2 transposed convs up.
+
+    A sigmoid output suits [0, 1] pixels: with a linear output and L1 loss the decoder sits for
+    hundreds of steps at the all-black image (MNIST's median pixel).
+    """
+    c, s, _ = _coarsest(image_shape, channels)
+    layers: list[nn.Module] = []
+    prev = latent_dim
+    if fc_hidden:
+        layers += [nn.Linear(latent_dim, fc_hidden), nn.ReLU(inplace=True)]
+        prev = fc_hidden
+    layers += [nn.Linear(prev, c * s * s), nn.ReLU(inplace=True), nn.Unflatten(1, (c, s, s))]
+    sizes = [image_shape[1]]
+    for _ in channels:
+        sizes.append((sizes[-1] + 1) // 2)
+    # Going up from size[i+1] to size[i]; output_padding makes odd sizes (7 -> 14 -> 28) exact.
+    ups = list(reversed(channels))
+    for i, (a, b) in enumerate(zip(ups, ups[1:] + [image_shape[0]])):
+        target = sizes[len(channels) - 1 - i]
+        src = sizes[len(channels) - i]
+        out_pad = target - (2 * src - 1)
+        last = i == len(ups) - 1
+        layers.append(nn.ConvTranspose2d(a, b, 3, 2, 1, output_padding=out_pad, bias=last))
+        if not last:
+            layers += [nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+    if sigmoid:
+        layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+def resnet18_cifar(image_shape: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:
+    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool); outputs 512 features."""
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(image_shape[0], 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return _with_dim(net, 512)
+
+
+def projection_head(in_dim: int, out_dim: int = 128, hidden: int = 2048) -> nn.Module:
+    """SimCLR/Barlow projector: Linear-BN-ReLU-Linear."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+    )
+
+
+def mlp_head(in_dim: int, num_classes: int, hidden: int = 128) -> nn.Module:
+    """Classifier head: two layers, or one linear layer (a linear probe) when ``hidden`` is 0."""
+    if not hidden:
+        return nn.Linear(in_dim, num_classes)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class Classifier(nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+class Siamese(nn.Module):
+    """Encoder + projection head; forward returns (features, projection)."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.encoder(x)  # (B, F)
+        return h, self.projector(h)  # (B, F), (B, P)
+
+
+ENCODERS = {"mlp": mlp_encoder, "conv": conv_encoder, "resnet18": resnet18_cifar}
+DECODERS = {"mlp": mlp_decoder, "conv": conv_decoder}
+
+
+def _lookup(registry: dict, kind: str, name: str):
+    if name not in registry:
+        raise ValueError(f"unknown {kind} '{name}'; known: {sorted(registry)}")
+    return registry[name]
+
+
+def build_encoder(name: str, image_shape: tuple[int, int, int], **kwargs) -> nn.Module:
+    return _lookup(ENCODERS, "encoder", name)(image_shape, **kwargs)
+
+
+def build_decoder(name: str, image_shape: tuple[int, int, int], **kwargs) -> nn.Module:
+    return _lookup(DECODERS, "decoder", name)(image_shape, **kwargs)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def load_state(path: str, device: torch.device | str = "cpu") -> dict:
+    """A plain state dict saved by ``torch.save``; never unpickles code."""
+    return torch.load(path, map_location=device, weights_only=True)

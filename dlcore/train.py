@@ -1,0 +1,371 @@
+"""One training function for every stage: pretraining objectives and supervised fine-tunes.
+
+``train(cfg, report)`` runs ``cfg.steps`` optimizer steps, evaluates on the validation split
+every ``cfg.eval_every`` steps, keeps the best checkpoint by ``cfg.metric``, and at the end
+evaluates that checkpoint on the test split. It knows nothing of Ray or MLflow: the sweep
+runner passes ``tune.report`` in through ``report(metrics, checkpoint_dir)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import data as D
+from . import losses, models
+
+OBJECTIVES = ("autoencoder", "simclr", "barlow", "classify", "decode")
+FINETUNE_MODES = ("full", "frozen", "linear")
+
+Report = Callable[[dict, "str | None"], None]
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "classify"  # one of OBJECTIVES; "autoencoder" with noise_std > 0 is a DAE
+    # data
+    dataset: str = "mnist"  # name looked up in data_dir, or a path to an .npz
+    data_dir: str | None = None
+    classes: list[int] | None = None  # keep and relabel these classes (E1: [3, 5])
+    val_size: int | float = 5000  # images carved from train for model selection
+    split_seed: int = 0  # the validation split is shared by every trial of a study
+    labels: int | float | None = None  # label budget (count or fraction of the pool); None: all
+    normalize: bool = False  # standardise inputs by the data set's channel mean/std
+    augment: str = "none"  # see data.AUGMENTATIONS; SimCLR/Barlow default to "simclr"
+    noise_std: float = 0.0  # Gaussian input noise, in [0, 1] pixel units (E5: 0.5)
+    # model
+    encoder: str = "conv"
+    encoder_args: dict = field(default_factory=dict)
+    decoder: str | None = None  # default: the encoder's mirror
+    head_hidden: int = 128  # 0: linear head
+    proj_dim: int = 128
+    proj_hidden: int = 2048
+    init_encoder: str | None = None  # path to an encoder state dict (pretrained)
+    finetune: str = "full"  # full: train all; frozen: train the head; linear: frozen + linear head
+    encoder_lr: float | None = None  # encoder's own learning rate in "full" mode; None: lr
+    # optimisation
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
+    schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    # losses
+    recon_loss: str = "l1"
+    temperature: float = 0.5
+    barlow_lambda: float = 5e-3
+    # evaluation
+    eval_every: int = 100
+    eval_batch_size: int = 1000
+    metric: str | None = None  # default: val_acc for classify, val_loss otherwise
+    # run
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    out_dir: str = "."
+    samples: int = 64  # test images kept as input/reconstruction examples for autoencoders
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective '{self.objective}'; known: {list(OBJECTIVES)}")
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"unknown finetune mode '{self.finetune}'; known: {list(FINETUNE_MODES)}")
+        if self.objective == "decode" and not self.init_encoder:
+            raise ValueError("objective 'decode' needs init_encoder (the encoder to decode from)")
+        if self.metric is None:
+            self.metric = "val_acc" if self.objective == "classify" else "val_loss"
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric.endswith("acc") else "min"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The one place the device is chosen."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warmup, then constant or cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def batches(n: int, batch_size: int, g: torch.Generator, device) -> Iterator[Tensor]:
+    """Endless batches of positions in range(n): shuffled epochs, chained so every batch is full."""
+    buf = torch.empty(0, dtype=torch.long, device=device)
+    while True:
+        while len(buf) < batch_size:
+            buf = torch.cat([buf, torch.randperm(n, generator=g, device=device)])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+@dataclass
+class Split:
+    """Index sets into the training images: the pool labels come from, the budget, validation."""
+
+    train: Tensor  # images the stage trains on (labelled budget, or the whole pool)
+    val: Tensor
+    pool: Tensor
+
+
+def make_split(ds: D.Dataset, cfg: TrainConfig) -> Split:
+    pool, val = D.validation_split(len(ds.y_train), cfg.val_size, cfg.split_seed)
+    pool, val = pool.to(ds.y_train.device), val.to(ds.y_train.device)
+    train = pool
+    if cfg.objective == "classify" and cfg.labels is not None:
+        train = pool[D.label_budget(ds.y_train[pool], cfg.labels, cfg.seed, ds.num_classes)]
+    return Split(train=train, val=val, pool=pool)
+
+
+def build_model(cfg: TrainConfig, ds: D.Dataset) -> nn.Module:
+    shape = ds.image_shape
+    encoder = models.build_encoder(cfg.encoder, shape, **cfg.encoder_args)
+    if cfg.init_encoder:
+        encoder.load_state_dict(models.load_state(cfg.init_encoder))
+    if cfg.objective in ("autoencoder", "decode"):
+        # Normalised targets are not in [0, 1], so no sigmoid for them.
+        decoder_args = {**cfg.encoder_args, **({"sigmoid": False} if cfg.normalize else {})}
+        decoder = models.build_decoder(cfg.decoder or cfg.encoder, shape, **decoder_args)
+        return models.Autoencoder(encoder, decoder)
+    if cfg.objective in ("simclr", "barlow"):
+        return models.Siamese(encoder, models.projection_head(encoder.out_dim, cfg.proj_dim, cfg.proj_hidden))
+    hidden = 0 if cfg.finetune == "linear" else cfg.head_hidden
+    return models.Classifier(encoder, models.mlp_head(encoder.out_dim, ds.num_classes, hidden))
+
+
+def encoder_frozen(cfg: TrainConfig) -> bool:
+    return cfg.objective == "decode" or (cfg.objective == "classify" and cfg.init_encoder and cfg.finetune != "full")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    frozen = encoder_frozen(cfg)
+    for p in model.encoder.parameters():
+        p.requires_grad_(not frozen)
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if not frozen:
+        groups.append({"params": list(model.encoder.parameters()), "lr": cfg.encoder_lr or cfg.lr})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer '{cfg.optimizer}'; known: ['adamw', 'sgd']")
+
+
+class Batcher:
+    """Turns positions into model inputs: uint8 -> float, augmentation, noise, normalisation."""
+
+    def __init__(self, ds: D.Dataset, cfg: TrainConfig, device: torch.device):
+        self.ds, self.cfg, self.device = ds, cfg, device
+        default_aug = "simclr" if cfg.objective in ("simclr", "barlow") else "none"
+        self.augment = D.augmentation(cfg.augment if cfg.augment != "none" else default_aug)
+        self.channels_last = device.type == "cuda" and ds.x_train.shape[1] > 1
+
+    def _finish(self, x: Tensor) -> Tensor:
+        if self.cfg.normalize:
+            x = D.normalize(x, self.ds.mean, self.ds.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def inputs(self, images: Tensor, g: torch.Generator, train: bool) -> tuple:
+        """(input, target) for autoencoders, (view1, view2) for SSL, (input,) otherwise."""
+        x = D.to_float(images)  # (B, C, H, W) in [0, 1]
+        obj = self.cfg.objective
+        if obj in ("simclr", "barlow"):
+            return self._finish(self.augment(x, g)), self._finish(self.augment(x, g))
+        if train:
+            x = self.augment(x, g)
+        if obj in ("autoencoder", "decode"):
+            noisy = D.gaussian_noise(x, self.cfg.noise_std, g) if self.cfg.noise_std else x
+            return self._finish(noisy), self._finish(x)
+        return (self._finish(x),)
+
+
+def objective_loss(model: nn.Module, inputs: tuple, y: Tensor, cfg: TrainConfig) -> tuple[Tensor, Tensor | None]:
+    """The stage's loss on one batch, and the classifier's logits (None for other objectives)."""
+    if cfg.objective in ("autoencoder", "decode"):
+        x, target = inputs
+        return losses.reconstruction_loss(cfg.recon_loss)(model(x), target), None
+    if cfg.objective in ("simclr", "barlow"):
+        _, z1 = model(inputs[0])
+        _, z2 = model(inputs[1])
+        if cfg.objective == "simclr":
+            return losses.nt_xent(z1.float(), z2.float(), cfg.temperature), None
+        return losses.barlow_twins(z1.float(), z2.float(), cfg.barlow_lambda), None
+    logits = model(inputs[0])
+    return F.cross_entropy(logits.float(), y), logits
+
+
+def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    if encoder_frozen(cfg):
+        model.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
+
+
+@torch.no_grad()
+def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: TrainConfig, autocast, prefix: str) -> dict:
+    """Mean loss (and accuracy for classifiers) over ``images``; augmentation and noise from a fixed seed."""
+    model.eval()
+    g = torch.Generator(device=images.device).manual_seed(12345)
+    total, correct, n = 0.0, 0, 0
+    for xb, yb in zip(images.split(cfg.eval_batch_size), labels.split(cfg.eval_batch_size)):
+        with autocast():
+            loss, logits = objective_loss(model, batcher.inputs(xb, g, train=False), yb, cfg)
+        total += loss.item() * len(xb)
+        n += len(xb)
+        if logits is not None:
+            correct += (logits.argmax(1) == yb).sum().item()
+    out = {f"{prefix}_loss": total / n}
+    if cfg.objective == "classify":
+        out[f"{prefix}_acc"] = correct / n
+    return out
+
+
+@torch.no_grad()
+def knn_accuracy(model, batcher: Batcher, ds: D.Dataset, split: Split, cfg: TrainConfig, autocast, k: int = 20) -> float:
+    """Cosine k-NN accuracy of encoder features (val against up to 10,000 pool images): a label-free
+    pretraining monitor that tracks downstream accuracy better than the SSL loss does."""
+    model.eval()
+    cfg_plain = TrainConfig(**{**asdict(cfg), "objective": "classify", "metric": "val_acc"})
+    plain = Batcher(ds, cfg_plain, batcher.device)
+    g = torch.Generator(device=ds.x_train.device).manual_seed(0)
+
+    def features(idx: Tensor) -> Tensor:
+        out = []
+        for chunk in idx.split(cfg.eval_batch_size):
+            with autocast():
+                out.append(F.normalize(model.encoder(plain.inputs(ds.x_train[chunk], g, False)[0]).float(), dim=1))
+        return torch.cat(out)
+
+    bank_idx = split.pool[:10000]
+    bank, query = features(bank_idx), features(split.val)  # (M, F), (V, F)
+    nearest = (query @ bank.T).topk(k, dim=1).indices  # (V, k)
+    votes = F.one_hot(ds.y_train[bank_idx][nearest], ds.num_classes).sum(1)  # (V, classes)
+    return (votes.argmax(1) == ds.y_train[split.val]).float().mean().item()
+
+
+def save_checkpoint(model: nn.Module, path: Path, meta: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path / "model.pt")
+    torch.save(model.encoder.state_dict(), path / "encoder.pt")
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None = None) -> dict:
+    """Run one stage; returns the final metrics (best validation step and its test metrics).
+
+    Writes ``<out_dir>/checkpoint/`` (model.pt, encoder.pt, meta.json, history.json and, for
+    autoencoders, samples.pt) and calls ``report(metrics, checkpoint_dir)`` after every
+    evaluation (checkpoint_dir only when the best checkpoint changed) and once at the end
+    with the test metrics.
+    """
+    report = report or (lambda metrics, checkpoint_dir: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    cuda = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+
+    ds = data if data is not None else D.load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.classes:
+        ds = D.select_classes(ds, cfg.classes)
+    ds = ds.to(device)
+    split = make_split(ds, cfg)
+    model = build_model(cfg, ds).to(device)
+    if cuda and ds.x_train.shape[1] > 1:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    batcher = Batcher(ds, cfg, device)
+    ckpt = Path(cfg.out_dir) / "checkpoint"
+    better = (lambda a, b: a > b) if cfg.mode == "max" else (lambda a, b: a < b)
+
+    best, best_step, history = None, 0, []
+    run_loss, run_correct, run_n = 0.0, 0, 0
+    t0 = time.perf_counter()
+    stream = batches(len(split.train), cfg.batch_size, g, device)
+    set_train_mode(model, cfg)
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * get_lr(step, cfg)
+        idx = split.train[next(stream)]
+        yb = ds.y_train[idx]
+        with autocast():
+            loss, logits = objective_loss(model, batcher.inputs(ds.x_train[idx], g, train=True), yb, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run_loss += loss.detach() * len(idx)  # stays on device: no sync per step
+        run_n += len(idx)
+        if logits is not None:
+            run_correct += (logits.argmax(1) == yb).sum()
+
+        done = step + 1
+        if done % cfg.eval_every and done != cfg.steps:
+            continue
+        metrics = {"step": done, "train_loss": float(run_loss) / run_n}
+        if cfg.objective == "classify":
+            metrics["train_acc"] = float(run_correct) / run_n
+        metrics.update(evaluate(model, batcher, ds.x_train[split.val], ds.y_train[split.val], cfg, autocast, "val"))
+        if cfg.objective in ("simclr", "barlow"):
+            metrics["val_knn_acc"] = knn_accuracy(model, batcher, ds, split, cfg, autocast)
+        metrics["samples_per_s"] = done * cfg.batch_size / (time.perf_counter() - t0)
+        improved = best is None or better(metrics[cfg.metric], best)
+        if improved:
+            best, best_step = metrics[cfg.metric], done
+            save_checkpoint(model, ckpt, {"step": done, cfg.metric: best})
+        history.append(metrics)
+        report(metrics, str(ckpt) if improved else None)
+        run_loss, run_correct, run_n = 0.0, 0, 0
+        set_train_mode(model, cfg)
+
+    model.load_state_dict(models.load_state(ckpt / "model.pt", device))
+    final = {"step": cfg.steps, "best_step": best_step, f"best_{cfg.metric}": best}
+    final.update(evaluate(model, batcher, ds.x_test, ds.y_test, cfg, autocast, "test"))
+    final["train_size"] = len(split.train)
+    final["wall_s"] = time.perf_counter() - t0
+    (ckpt / "history.json").write_text(json.dumps(history))
+    if cfg.objective in ("autoencoder", "decode"):
+        torch.save(reconstruction_samples(model, batcher, ds, cfg, autocast), ckpt / "samples.pt")
+    report(final, str(ckpt))
+    return final
+
+
+@torch.no_grad()
+def reconstruction_samples(model, batcher: Batcher, ds: D.Dataset, cfg: TrainConfig, autocast) -> dict:
+    """The first ``cfg.samples`` test images: clean, model input (noisy for a DAE) and output, in [0, 1]."""
+    model.eval()
+    g = torch.Generator(device=ds.x_test.device).manual_seed(0)
+    images, labels = ds.x_test[: cfg.samples], ds.y_test[: cfg.samples]
+    x, target = batcher.inputs(images, g, train=False)
+    with autocast():
+        recon = model(x).float()
+
+    def unnormalize(t: Tensor) -> Tensor:
+        if cfg.normalize:
+            m = torch.tensor(ds.mean, device=t.device).view(1, -1, 1, 1)
+            s = torch.tensor(ds.std, device=t.device).view(1, -1, 1, 1)
+            t = t * s + m
+        return t.float().clamp(0, 1).cpu()
+
+    return {"clean": unnormalize(target), "input": unnormalize(x), "output": unnormalize(recon), "labels": labels.cpu()}

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from dlcore import models
+
+
+def test_mlp_autoencoder_has_e5_layer_sizes():
+    enc = models.mlp_encoder((1, 28, 28))
+    dec = models.mlp_decoder((1, 28, 28))
+    linears = [m for m in enc if isinstance(m, torch.nn.Linear)] + [m for m in dec if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (784, 512), (512, 128), (128, 128), (128, 128), (128, 512), (512, 784)]
+    # ReLU after the first two layers of each, none after the last
+    for seq in (enc, dec):
+        kinds = [type(m).__name__ for m in seq if not isinstance(m, (torch.nn.Flatten, torch.nn.Unflatten))]
+        assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    x = torch.rand(3, 1, 28, 28)
+    assert enc(x).shape == (3, 128) and dec(enc(x)).shape == x.shape
+
+
+@pytest.mark.parametrize("shape, channels", [((1, 28, 28), (32, 64)), ((3, 32, 32), (32, 64, 128)), ((1, 28, 28), (16, 32, 64))])
+@pytest.mark.parametrize("fc_hidden", [0, 64])
+def test_conv_autoencoder_roundtrips_shape_through_latent_d(shape, channels, fc_hidden):
+    enc = models.conv_encoder(shape, channels, latent_dim=12, fc_hidden=fc_hidden)
+    dec = models.conv_decoder(shape, channels, latent_dim=12, fc_hidden=fc_hidden)
+    x = torch.rand(2, *shape)
+    z = enc(x)
+    assert z.shape == (2, 12) and enc.out_dim == 12
+    assert dec(z).shape == x.shape
+
+
+def test_resnet18_cifar_stem_and_siamese_forward():
+    enc = models.resnet18_cifar()
+    assert enc.conv1.kernel_size == (3, 3) and enc.conv1.stride == (1, 1)
+    assert isinstance(enc.maxpool, torch.nn.Identity)
+    net = models.Siamese(enc, models.projection_head(enc.out_dim, 64, 256))
+    h, z = net(torch.rand(2, 3, 32, 32))
+    assert h.shape == (2, 512) and z.shape == (2, 64)
+    assert 11_000_000 < models.count_params(enc) < 11_300_000
+
+
+def test_classifier_head_is_two_layer_mlp_or_linear_probe():
+    enc = models.conv_encoder((1, 28, 28))
+    two = models.Classifier(enc, models.mlp_head(12, 10, 128))
+    probe = models.mlp_head(12, 10, 0)
+    assert two(torch.rand(4, 1, 28, 28)).shape == (4, 10)
+    assert isinstance(probe, torch.nn.Linear)
+
+
+def test_registry_names_known_models():
+    with pytest.raises(ValueError, match=r"unknown encoder 'vit'; known: \['conv', 'mlp', 'resnet18'\]"):
+        models.build_encoder("vit", (1, 28, 28))
+
+
+def test_encoder_state_dict_roundtrip_weights_only(tmp_path):
+    enc = models.conv_encoder((1, 28, 28))
+    torch.save(enc.state_dict(), tmp_path / "e.pt")
+    fresh = models.conv_encoder((1, 28, 28))
+    fresh.load_state_dict(models.load_state(str(tmp_path / "e.pt")))
+    x = torch.rand(2, 1, 28, 28)
+    enc.eval(), fresh.eval()
+    assert torch.equal(enc(x), fresh(x))

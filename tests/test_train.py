@@ -1,0 +1,128 @@
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from dlcore import models
+from dlcore.train import TrainConfig, get_lr, train
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """Real MNIST, cut to 3,000 training and 1,000 test images to keep the tests quick."""
+    return replace(mnist, x_train=mnist.x_train[:3000], y_train=mnist.y_train[:3000],
+                   x_test=mnist.x_test[:1000], y_test=mnist.y_test[:1000])
+
+
+def cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(steps=40, eval_every=10, batch_size=32, val_size=500, threads=1, out_dir=str(tmp_path))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_classifier_reports_each_eval_and_keeps_best_checkpoint(small, tmp_path):
+    calls = []
+    final = train(cfg(tmp_path, labels=100, lr=3e-3), lambda m, c: calls.append((dict(m), c)), small)
+    evals = [m for m, _ in calls[:-1]]
+    assert [m["step"] for m in evals] == [10, 20, 30, 40]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(evals[0])
+    best = max(evals, key=lambda m: m["val_acc"])  # first best wins ties
+    assert final["best_step"] == best["step"] and final["best_val_acc"] == best["val_acc"]
+    # a checkpoint is handed over exactly when validation improved, and with the final report
+    running = -1.0
+    for m, c in calls[:-1]:
+        assert (c is not None) == (m["val_acc"] > running)
+        running = max(running, m["val_acc"])
+    assert calls[-1][1] is not None and "test_acc" in calls[-1][0]
+    assert final["train_size"] == 100
+    meta = json.loads((tmp_path / "checkpoint" / "meta.json").read_text())
+    assert meta["step"] == final["best_step"]
+    assert len(json.loads((tmp_path / "checkpoint" / "history.json").read_text())) == 4
+
+
+def test_same_seed_same_result_bit_for_bit(small, tmp_path):
+    a = train(cfg(tmp_path / "a", labels=100, seed=1), data=small)
+    b = train(cfg(tmp_path / "b", labels=100, seed=1), data=small)
+    c = train(cfg(tmp_path / "c", labels=100, seed=2), data=small)
+    sa = models.load_state(str(tmp_path / "a" / "checkpoint" / "model.pt"))
+    sb = models.load_state(str(tmp_path / "b" / "checkpoint" / "model.pt"))
+    sc = models.load_state(str(tmp_path / "c" / "checkpoint" / "model.pt"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["test_loss"] == b["test_loss"]
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_autoencoder_loss_falls_and_dae_keeps_noisy_samples(small, tmp_path):
+    history = []
+    train(cfg(tmp_path, objective="autoencoder", noise_std=0.5, steps=60, lr=3e-3), lambda m, c: history.append(m), small)
+    assert history[-2]["val_loss"] < 0.8 * history[0]["val_loss"]
+    samples = torch.load(tmp_path / "checkpoint" / "samples.pt", weights_only=True)
+    assert samples["clean"].shape == samples["input"].shape == samples["output"].shape == (64, 1, 28, 28)
+    assert (samples["input"] - samples["clean"]).abs().mean() > 0.2  # noise std 0.5, clamped to [0, 1]
+
+
+def test_mlp_dae_uses_l2_when_asked(small, tmp_path):
+    final = train(cfg(tmp_path, objective="autoencoder", encoder="mlp", recon_loss="l2", noise_std=0.5), data=small)
+    assert final["test_loss"] < 0.2
+
+
+def pretrained_encoder(small, tmp_path):
+    train(cfg(tmp_path / "ae", objective="autoencoder", steps=20), data=small)
+    return str(tmp_path / "ae" / "checkpoint" / "encoder.pt")
+
+
+@pytest.mark.parametrize("mode, changes", [("frozen", False), ("linear", False), ("full", True)])
+def test_finetune_modes_freeze_or_train_the_encoder(small, tmp_path, mode, changes):
+    path = pretrained_encoder(small, tmp_path)
+    train(cfg(tmp_path / "ft", labels=100, init_encoder=path, finetune=mode, encoder_lr=1e-4), data=small)
+    before = models.load_state(path)
+    after = models.load_state(str(tmp_path / "ft" / "checkpoint" / "encoder.pt"))
+    same = all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm running stats included
+    assert same != changes
+    head = models.load_state(str(tmp_path / "ft" / "checkpoint" / "model.pt"))
+    assert ("head.weight" in head) == (mode == "linear")
+
+
+def test_decode_trains_a_decoder_on_a_frozen_encoder(small, tmp_path):
+    path = pretrained_encoder(small, tmp_path)
+    final = train(cfg(tmp_path / "dec", objective="decode", init_encoder=path), data=small)
+    after = models.load_state(str(tmp_path / "dec" / "checkpoint" / "encoder.pt"))
+    before = models.load_state(path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert "test_loss" in final and (tmp_path / "dec" / "checkpoint" / "samples.pt").exists()
+
+
+@pytest.mark.parametrize("objective", ["simclr", "barlow"])
+def test_ssl_objectives_report_knn_accuracy(cifar10, tmp_path, objective):
+    tiny = replace(cifar10, x_train=cifar10.x_train[:1200], y_train=cifar10.y_train[:1200],
+                   x_test=cifar10.x_test[:200], y_test=cifar10.y_test[:200])
+    history = []
+    c = cfg(tmp_path, objective=objective, steps=20, eval_every=10, val_size=200, normalize=True, proj_hidden=64,
+            encoder_args={"channels": [16, 32], "latent_dim": 32})
+    train(c, lambda m, ck: history.append(m), tiny)
+    assert c.metric == "val_loss" and 0 <= history[0]["val_knn_acc"] <= 1
+    assert history[0]["val_knn_acc"] > 0.12  # above chance (0.1) already: raw conv features carry signal
+
+
+def test_threads_and_lr_schedule(small, tmp_path):
+    train(cfg(tmp_path, steps=10, threads=1), data=small)
+    assert torch.get_num_threads() == 1
+    c = TrainConfig(steps=100, warmup_steps=10, schedule="cosine")
+    assert get_lr(0, c) == pytest.approx(0.1) and get_lr(9, c) == pytest.approx(1.0)
+    assert get_lr(10, c) == pytest.approx(1.0) and get_lr(99, c) < 0.01
+    assert get_lr(50, TrainConfig(steps=100)) == 1.0
+
+
+def test_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="known"):
+        TrainConfig(objective="mae")
+    with pytest.raises(ValueError, match="init_encoder"):
+        TrainConfig(objective="decode")
+
+
+def test_training_core_imports_neither_ray_nor_mlflow():
+    code = "import sys, dlcore.train, dlcore.data, dlcore.models, dlcore.losses; print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
