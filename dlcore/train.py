@@ -12,7 +12,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,6 +39,7 @@ class TrainConfig:
     val_size: int | float = 5000  # images carved from train for model selection
     split_seed: int = 0  # the validation split is shared by every trial of a study
     labels: int | float | None = None  # label budget (count or fraction of the pool); None: all
+    test_size: int | None = None  # evaluate on the first N test images only (smoke runs)
     normalize: bool = False  # standardise inputs by the data set's channel mean/std
     augment: str = "none"  # see data.AUGMENTATIONS; SimCLR/Barlow default to "simclr"
     noise_std: float = 0.0  # Gaussian input noise, in [0, 1] pixel units (E5: 0.5)
@@ -68,12 +69,13 @@ class TrainConfig:
     eval_every: int = 100
     eval_batch_size: int = 1000
     metric: str | None = None  # default: val_acc for classify, val_loss otherwise
+    knn_bank: int = 10000  # pool images the SSL k-NN monitor compares against
     # run
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
     out_dir: str = "."
-    samples: int = 64  # test images kept as input/reconstruction examples for autoencoders
+    recon_samples: int = 64  # test images kept as input/reconstruction examples for autoencoders
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -247,7 +249,7 @@ def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: Train
 
 @torch.no_grad()
 def knn_accuracy(model, batcher: Batcher, ds: D.Dataset, split: Split, cfg: TrainConfig, autocast, k: int = 20) -> float:
-    """Cosine k-NN accuracy of encoder features (val against up to 10,000 pool images): a label-free
+    """Cosine k-NN accuracy of encoder features (val against ``cfg.knn_bank`` pool images): a label-free
     pretraining monitor that tracks downstream accuracy better than the SSL loss does."""
     model.eval()
     cfg_plain = TrainConfig(**{**asdict(cfg), "objective": "classify", "metric": "val_acc"})
@@ -261,7 +263,7 @@ def knn_accuracy(model, batcher: Batcher, ds: D.Dataset, split: Split, cfg: Trai
                 out.append(F.normalize(model.encoder(plain.inputs(ds.x_train[chunk], g, False)[0]).float(), dim=1))
         return torch.cat(out)
 
-    bank_idx = split.pool[:10000]
+    bank_idx = split.pool[: cfg.knn_bank]
     bank, query = features(bank_idx), features(split.val)  # (M, F), (V, F)
     nearest = (query @ bank.T).topk(k, dim=1).indices  # (V, k)
     votes = F.one_hot(ds.y_train[bank_idx][nearest], ds.num_classes).sum(1)  # (V, classes)
@@ -295,6 +297,8 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     ds = data if data is not None else D.load_dataset(cfg.dataset, cfg.data_dir)
     if cfg.classes:
         ds = D.select_classes(ds, cfg.classes)
+    if cfg.test_size:
+        ds = replace(ds, x_test=ds.x_test[: cfg.test_size], y_test=ds.y_test[: cfg.test_size])
     ds = ds.to(device)
     split = make_split(ds, cfg)
     model = build_model(cfg, ds).to(device)
@@ -361,10 +365,10 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
 
 @torch.no_grad()
 def reconstruction_samples(model, batcher: Batcher, ds: D.Dataset, cfg: TrainConfig, autocast) -> dict:
-    """The first ``cfg.samples`` test images: clean, model input (noisy for a DAE) and output, in [0, 1]."""
+    """The first ``cfg.recon_samples`` test images: clean, model input (noisy for a DAE) and output, in [0, 1]."""
     model.eval()
     g = torch.Generator(device=ds.x_test.device).manual_seed(0)
-    images, labels = ds.x_test[: cfg.samples], ds.y_test[: cfg.samples]
+    images, labels = ds.x_test[: cfg.recon_samples], ds.y_test[: cfg.recon_samples]
     x, target = batcher.inputs(images, g, train=False)
     with autocast():
         recon = model(x).float()

@@ -1,0 +1,119 @@
+"""The ``dlsweep`` command line: thin commands over importable functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .data import DataError
+from .spec import SpecError, check_jobs, load_sweep, plan
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Data-efficiency sweeps: how many labels and steps does a model need, and what does pretraining buy?")
+console = Console()
+err = Console(stderr=True)
+
+ROOT_OPTION = typer.Option(Path("mlflow_runs"), "--store", help="Folder for the MLflow store, Ray state and the pretrain cache.")
+
+
+def fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _data_dir_default(sweep) -> None:
+    """The one place the environment feeds configuration: DLSWEEP_DATA_DIR."""
+    if sweep.data.data_dir is None and os.environ.get("DLSWEEP_DATA_DIR"):
+        sweep.data.data_dir = str(Path(os.environ["DLSWEEP_DATA_DIR"]).resolve())
+
+
+@app.command()
+def run(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key: --set finetune.seeds=[0,1] (value is YAML)."),
+    smoke: bool = typer.Option(False, "--smoke", help="Shrink to a CPU-sized run: few steps, 1 seed, 2 budgets, 1 sample."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; run nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run of this sweep."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
+    store: Path = ROOT_OPTION,
+):
+    """Run a sweep: pretraining stages once each, then the fine-tune grid on Ray Tune, logged to MLflow."""
+    try:
+        sweep = load_sweep(sweep_file, set_, smoke=smoke)
+        _data_dir_default(sweep)
+        check_jobs(sweep, str(sweep_file))
+    except SpecError as e:
+        fail(str(e))
+    if dry_run:
+        p = plan(sweep)
+        if as_json:
+            print(json.dumps(p, indent=1))
+        else:
+            _print_plan(p)
+        return
+    from .runner import RunError, run_sweep  # Ray is imported only when something runs
+
+    try:
+        state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
+                          console=console)
+    except (SpecError, DataError, RunError) as e:
+        fail(str(e))
+    if state["status"] != "finished":
+        err.print(f"interrupted; continue with: dlsweep run {sweep_file} --resume", highlight=False)
+        raise typer.Exit(130)
+    console.print(f"[bold green]done[/]: experiment '{sweep.tracking.experiment or sweep.name}', parent run "
+                  f"{state['parent_run_id']}; see it with: dlsweep ui", highlight=False, soft_wrap=True)
+
+
+def _print_plan(p: dict) -> None:
+    console.print(f"[bold]{p['name']}[/] on {p['dataset']}: {p['total_trials']} trials "
+                  f"({p['pretrain_trials']} pretraining, {p['finetune_trials']} fine-tune)", highlight=False)
+    if p["stages"]:
+        t = Table("stage", "objective", "from", "steps", "seeds", title="pretraining (cached by content hash)")
+        for s in p["stages"]:
+            t.add_row(s["stage"], s["objective"], s["from"] or "-", str(s["steps"]), str(s["seeds"]))
+        console.print(t)
+    ft = p["finetune"]
+    if ft:
+        t = Table("axis", "values", title=f"fine-tune grid: {p['grid_cells']} cells x {ft['samples_per_cell']} samples")
+        t.add_row("arms", ", ".join(f"{k} ({v})" for k, v in ft["arms"].items()))
+        t.add_row("labels", str(ft["labels"]))
+        t.add_row("steps", str(ft["steps"]))
+        t.add_row("seeds", str(ft["seeds"]))
+        for k, v in ft["search"].items():
+            t.add_row(f"search {k}", json.dumps(v))
+        console.print(t)
+    r = p["resources_per_trial"]
+    asha = "ASHA " + (f"grace {p['asha']['grace_period']} steps, x{p['asha']['reduction_factor']}" if p["asha"]["enabled"] else "off")
+    console.print(f"select on {p['metric']} ({p['mode']}); {asha}; per trial {r['cpu']} CPU, {r['gpu']} GPU", highlight=False)
+
+
+@app.command()
+def ui(
+    store: Path = ROOT_OPTION,
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+):
+    """Open the MLflow UI on 127.0.0.1 for the local store."""
+    from .tracking import default_uri
+
+    db = store / "mlflow.db"
+    if not db.exists():
+        fail(f"no MLflow store at {db}; run a sweep first")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_uri(store), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def main():
+    app()
