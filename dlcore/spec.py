@@ -404,8 +404,18 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
 
 def check_jobs(sweep: Sweep, source: str) -> None:
     """Build every job's TrainConfig once, so a bad value fails before anything runs."""
-    jobs = list(pretrain_jobs(sweep).values()) + finetune_cells(sweep)
+    pre = pretrain_jobs(sweep)
+    jobs = list(pre.values()) + finetune_cells(sweep)
+    by_key = {j.key: j for j in pre.values()}
     for job in jobs:
+        if job.source:  # the pretrained encoder must load into the job's encoder
+            src = by_key[job.source]
+            mine = (job.train.get("encoder", "conv"), job.train.get("encoder_args", {}))
+            theirs = (src.train.get("encoder", "conv"), src.train.get("encoder_args", {}))
+            if mine != theirs:
+                where = f"finetune.arms.{job.tags['arm']}" if job.stage == "finetune" else f"pretrain.{job.stage}"
+                raise SpecError(f"{source}: {where}: encoder {mine[0]} {mine[1]} differs from the encoder of "
+                                f"stage '{src.stage}' ({theirs[0]} {theirs[1]}) it starts from")
         try:
             TrainConfig(**{**job.train, "init_encoder": "pretrained" if job.source else job.train.get("init_encoder")})
         except (TypeError, ValueError) as e:

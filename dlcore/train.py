@@ -25,6 +25,13 @@ from . import losses, models
 
 OBJECTIVES = ("autoencoder", "simclr", "barlow", "classify", "decode")
 FINETUNE_MODES = ("full", "frozen", "linear")
+METRICS = {  # validation metrics each objective reports, any of which can select the best checkpoint
+    "classify": ("val_acc", "val_loss"),
+    "autoencoder": ("val_loss",),
+    "decode": ("val_loss",),
+    "simclr": ("val_loss", "val_knn_acc"),
+    "barlow": ("val_loss", "val_knn_acc"),
+}
 
 Report = Callable[[dict, "str | None"], None]
 
@@ -86,6 +93,9 @@ class TrainConfig:
             raise ValueError("objective 'decode' needs init_encoder (the encoder to decode from)")
         if self.metric is None:
             self.metric = "val_acc" if self.objective == "classify" else "val_loss"
+        known = METRICS[self.objective]
+        if self.metric not in known:
+            raise ValueError(f"metric '{self.metric}' is not reported by objective '{self.objective}'; known: {list(known)}")
 
     @property
     def mode(self) -> str:

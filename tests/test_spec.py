@@ -1,0 +1,140 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dlcore import spec as S
+
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+
+MINIMAL = {
+    "data": {"dataset": "mnist", "val_size": 500},
+    "pretrain": {"ae": {"objective": "autoencoder", "steps": 30, "encoder_args": {"latent_dim": 8}}},
+    "finetune": {
+        "arms": {"scratch": {}, "pretrained": {"from": "ae"}},
+        "labels": [20, 0.01],
+        "steps": [40, 80],
+        "seeds": [0, 1],
+        "samples": 3,
+        "encoder_args": {"latent_dim": 8},
+        "search": {"lr": {"loguniform": [1e-4, 1e-2]}},
+    },
+}
+
+
+def write(tmp_path, raw, name="study.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_minimal_sweep_validates_and_plans(tmp_path):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL))
+    assert sweep.name == "study" and sweep.mode == "max"
+    p = S.plan(sweep)
+    assert p["grid_cells"] == 2 * 2 * 2 * 2
+    assert p["finetune_trials"] == 16 * 3
+    assert p["pretrain_trials"] == 2  # one per fine-tune seed
+    assert p["total_trials"] == 50
+
+
+def test_overrides_are_yaml_and_create_keys(tmp_path):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.seeds=[0,1,2]", "finetune.lr=3e-3", "asha.enabled=false"])
+    assert sweep.finetune.seeds == [0, 1, 2] and sweep.finetune.lr == 3e-3 and not sweep.asha.enabled
+
+
+def test_smoke_shrinks_to_one_seed_two_budgets_one_sample(tmp_path):
+    raw = {**MINIMAL, "finetune": {**MINIMAL["finetune"], "labels": [1000, 100, 300], "steps": [5000]}}
+    sweep = S.load_sweep(write(tmp_path, raw), smoke=True)
+    ft = sweep.finetune
+    assert ft.seeds == [0] and ft.labels == [100, 300] and ft.samples == 1 and ft.steps == [S.SMOKE_STEPS]
+    assert sweep.pretrain["ae"].steps == 30 and sweep.data.val_size == 500  # already under the cap
+    assert S.plan(sweep)["total_trials"] == 1 + 2 * 2
+
+
+def test_pretrain_keys_chain_and_change_with_config(tmp_path):
+    raw = {**MINIMAL, "pretrain": {**MINIMAL["pretrain"], "dec": {"objective": "decode", "from": "ae", "steps": 10}}}
+    a = S.pretrain_jobs(S.load_sweep(write(tmp_path, raw)))
+    b = S.pretrain_jobs(S.load_sweep(write(tmp_path, raw), ["pretrain.ae.lr=0.01"]))
+    assert a[("ae", 0)].key != a[("ae", 1)].key  # seeds differ
+    assert a[("ae", 0)].key != b[("ae", 0)].key and a[("dec", 0)].key != b[("dec", 0)].key  # parent change propagates
+    assert a[("dec", 0)].source == a[("ae", 0)].key
+    same = S.pretrain_jobs(S.load_sweep(write(tmp_path, raw), ["finetune.lr=0.5", "data.data_dir=/elsewhere"]))
+    assert same[("ae", 0)].key == a[("ae", 0)].key  # fine-tune settings and data location are not part of it
+
+
+def test_fine_tune_cells_carry_grid_values_and_sources(tmp_path):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL))
+    cells = S.finetune_cells(sweep)
+    pre = S.pretrain_jobs(sweep)
+    cell = next(c for c in cells if c.tags["arm"] == "pretrained" and c.tags["seed"] == 1)
+    assert cell.source == pre[("ae", 1)].key
+    assert cell.train["objective"] == "classify" and cell.train["encoder_args"] == {"latent_dim": 8}
+    assert {c.key for c in cells} == {f"{a}/labels={l}/steps={s}/seed={d}" for a in ("scratch", "pretrained")
+                                      for l in (20, 0.01) for s in (40, 80) for d in (0, 1)}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.update(bogus=1), "study.yaml: bogus: unknown key"),
+    (lambda r: r["finetune"].update(lables=[10]), "finetune.lables: unknown key"),
+    (lambda r: r["finetune"].update(steps="many"), "finetune.steps: Input should be a valid list"),
+    (lambda r: r["finetune"].update(labels=[1.5]), "finetune.labels: label fraction 1.5 must be in (0, 1]"),
+    (lambda r: r["finetune"].update(labels=[]), "finetune.labels"),
+    (lambda r: r["finetune"]["search"].update(lr={"logunifrom": [1e-4, 1e-2]}), "finetune.search.lr.logunifrom: unknown key"),
+    (lambda r: r["finetune"]["search"].update(lr={"loguniform": [1e-2, 1e-4]}), "loguniform needs low < high"),
+    (lambda r: r["finetune"]["search"].update(lrr={"uniform": [0, 1]}), "cannot search ['lrr']"),
+    (lambda r: r["finetune"]["arms"].update(bad={"from": "nope"}), "finetune.arms.bad.from: no stage 'nope'"),
+    (lambda r: r["pretrain"]["ae"].update(objective="mae"), "pretrain.ae.objective: Input should be"),
+    (lambda r: r["pretrain"]["ae"].update(encoder="vit"), "encoder 'vit' is not one of"),
+    (lambda r: r["pretrain"].update(dec={"objective": "decode"}), "a decode stage needs 'from'"),
+    (lambda r: r["pretrain"]["ae"].update({"from": "ae"}), "stages form a cycle"),
+    (lambda r: r.update(metric="test_acc"), "metric: Input should be 'val_acc' or 'val_loss'"),
+    (lambda r: r["resources"].update(cpu=0) if "resources" in r else r.update(resources={"cpu": 0}), "resources.cpu"),
+])
+def test_bad_sweep_files_name_file_and_key(tmp_path, mutate, message):
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    mutate(raw)
+    with pytest.raises(S.SpecError) as e:
+        S.load_sweep(write(tmp_path, raw))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(str(tmp_path / "study.yaml"))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data: {dataset: mnist\nfinetune: [")
+    with pytest.raises(S.SpecError, match=r"broken.yaml: not valid YAML at line \d+"):
+        S.load_sweep(path)
+    with pytest.raises(S.SpecError, match="no such sweep file"):
+        S.load_sweep(tmp_path / "nope.yaml")
+    with pytest.raises(S.SpecError, match="KEY.PATH=VALUE"):
+        S.load_sweep(write(tmp_path, MINIMAL), ["finetune.seeds"])
+
+
+def test_impossible_budget_fails_against_the_real_pool(tmp_path, mnist):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.labels=[100000]"])
+    with pytest.raises(S.SpecError, match="finetune.labels: label budget 100000 .* exceeds the 59500"):
+        S.check_budgets(sweep, mnist, "study.yaml")
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.labels=[5]"])
+    with pytest.raises(S.SpecError, match="smaller than the number of classes"):
+        S.check_budgets(sweep, mnist, "study.yaml")
+
+
+def test_mismatched_encoder_between_stage_and_arm_is_caught(tmp_path):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.encoder_args.latent_dim=16"])
+    with pytest.raises(S.SpecError, match="encoder"):
+        S.check_jobs(sweep, "study.yaml")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates_full_and_smoke(path):
+    for smoke in (False, True):
+        sweep = S.load_sweep(path, smoke=smoke)
+        S.check_jobs(sweep, str(path))
+        assert S.plan(sweep)["total_trials"] > 0
+
+
+def test_every_experiment_ships_a_sweep():
+    names = {p.name for p in SWEEPS}
+    assert {"dae_fraction.yaml", "mnist_conv_ae.yaml", "mnist_labels_100.yaml", "simclr_cifar10.yaml",
+            "barlow_cifar10.yaml", "mnist_mlp_ae_300.yaml", "mnist_mlp_dae.yaml"} <= names
