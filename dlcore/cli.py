@@ -99,6 +99,64 @@ def _print_plan(p: dict) -> None:
 
 
 @app.command()
+def report(
+    sweep: str = typer.Argument(..., help="Sweep YAML file, or the name of its MLflow experiment."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: reports/<experiment>)."),
+    target: Optional[float] = typer.Option(None, "--target", help="Accuracy to count steps to (default: the sweep's 'target')."),
+    parent: Optional[str] = typer.Option(None, "--run", help="Parent run id of the sweep invocation (default: the latest)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
+    store: Path = ROOT_OPTION,
+):
+    """Data-efficiency curves, tables and report.md of a sweep, read back from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from . import report as R
+    from .tracking import default_uri
+
+    name = sweep
+    if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
+        try:
+            spec = load_sweep(sweep)
+        except SpecError as e:
+            fail(str(e))
+        name = spec.tracking.experiment or spec.name
+        tracking_uri = tracking_uri or spec.tracking.uri
+    if not tracking_uri and not (store / "mlflow.db").exists():
+        fail(f"no MLflow store at {store / 'mlflow.db'}; run the sweep first or pass --tracking-uri")
+    client = MlflowClient(tracking_uri or default_uri(store))
+    try:
+        result = R.build(client, name, out or Path("reports") / name, parent=parent, target=target)
+    except ValueError as e:
+        fail(str(e))
+    _print_report(result, name)
+
+
+def _print_report(result: dict, name: str) -> None:
+    from . import report as R
+
+    target = result["target"]
+    rows = result["rows"]
+    if rows:
+        t = Table(title=f"{name}: test accuracy of the validation-selected trials")
+        for col in ("arm", "labels", "steps", "seeds", "test acc (95% CI)") + (("steps to target",) if target else ()):
+            t.add_column(col, justify="right" if col != "arm" else "left")
+        for r in rows:
+            ci = f" ± {r['test_acc_ci95']:.2%}" if r["test_acc_ci95"] is not None else ""
+            extra = ((str(r["steps_to_target"] or "-") + f" ({r['reached_target']})"),) if target else ()
+            t.add_row(r["arm"], str(r["labels"]), str(r["steps"]), str(r["seeds"]), f"{r['test_acc_mean']:.2%}{ci}", *extra)
+        console.print(t)
+    else:
+        console.print("no completed fine-tune trials yet")
+    for e in result["efficiency"]:
+        console.print(f"{e['arm']} with {e['labels']} labels ({e['accuracy']:.2%}, {e['steps']} steps): {R.efficiency_phrase(e)}",
+                      highlight=False)
+    if result["missing"]:
+        console.print(f"[yellow]partial sweep: {len(result['missing'])} grid cell(s) not finished yet[/]")
+    console.print(f"report: {result['out'] / 'report.md'} ({len(result['figures'])} figures); "
+                  f"logged to parent run {result['parent']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def ui(
     store: Path = ROOT_OPTION,
     port: int = typer.Option(5000, help="Port on 127.0.0.1."),
@@ -117,3 +175,7 @@ def ui(
 
 def main():
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -318,10 +318,10 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     experiment_id = tracking.ensure_experiment(uri, experiment, paths.artifacts)
     if not resume:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(by_alias=True, exclude_none=True),
+        parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(mode="json", by_alias=True),
                                        {"sweep": sweep.name, "source": source, "stamp": stamp})
         state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
-                 "tracking_uri": uri, "spec": sweep.model_dump(by_alias=True), "status": "running"}
+                 "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "status": "running"}
     state["status"] = "running"
     _write_state(state_path, state)
 
@@ -330,6 +330,11 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", configure_logging=True)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if resources["gpu"] and not gpus:
+        console.print(f"[yellow]no GPU in the Ray cluster: trials run on CPU (resources.gpu {resources['gpu']} ignored)[/]",
+                      highlight=False)
+        resources["gpu"] = 0
     data = ds.to_numpy()
     try:
         ok = _run_pretraining(sweep, paths, state, uri, data, resources, threads, console)
@@ -337,6 +342,11 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
             ok = _run_finetune(sweep, paths, state, uri, data, resources, threads, console, resume)
     except KeyboardInterrupt:
         ok = False
+    except BaseException:
+        state["status"] = "interrupted"
+        _write_state(state_path, state)
+        tracking.finish_parent(uri, state["parent_run_id"], "FAILED")
+        raise
     state["status"] = "finished" if ok else "interrupted"
     _write_state(state_path, state)
     tracking.finish_parent(uri, state["parent_run_id"], "FINISHED" if ok else "KILLED")

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
 
-import mlflow
-import torch
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-from ray import tune
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from . import plots
+import torch  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
+from ray import tune  # noqa: E402
+
+from . import plots  # noqa: E402
 
 TAG = "dlsweep."  # prefix of every tag this tool sets
 
@@ -55,10 +57,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=[Param(p.key, p.value[:6000]) for p in items[i : i + 100]])
 
 
-def start_parent(uri: str, experiment_id: str, name: str, params: dict, tags: dict) -> str:
+def start_parent(uri: str, experiment_id: str, name: str, spec: dict, tags: dict) -> str:
+    """The sweep invocation's run: the spec as params and as ``sweep.json``, which the report reads back."""
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=name, tags={**{TAG + k: str(v) for k, v in tags.items()}, TAG + "role": "sweep"})
-    log_params(client, run.info.run_id, params)
+    log_params(client, run.info.run_id, spec)
+    client.log_dict(run.info.run_id, spec, "sweep.json")
     return run.info.run_id
 
 
@@ -156,6 +160,3 @@ class MlflowCallback(tune.Callback):
 
 def finish_parent(uri: str, run_id: str, status: str) -> None:
     MlflowClient(uri).set_terminated(run_id, status)
-
-
-__all__ = ["MlflowCallback", "default_uri", "ensure_experiment", "start_parent", "finish_parent", "mlflow"]

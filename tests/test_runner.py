@@ -1,0 +1,141 @@
+"""Real sweeps on a local Ray, real MNIST and a real sqlite MLflow store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from dlcore.cli import app
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data": {"dataset": "mnist", "val_size": 500, "test_size": 1000},
+    "pretrain": {"ae": {"objective": "autoencoder", "steps": 30, "eval_every": 15, "batch_size": 64,
+                        "encoder_args": {"latent_dim": 8}}},
+    "finetune": {
+        "arms": {"scratch": {}, "pretrained": {"from": "ae"}},
+        "labels": [20, 50],
+        "steps": [40],
+        "seeds": [0],
+        "samples": 3,
+        "batch_size": 32,
+        "eval_every": 10,
+        "encoder_args": {"latent_dim": 8},
+        "search": {"lr": {"loguniform": [1e-6, 3e-2]}},
+    },
+    "asha": {"grace_period": 10, "reduction_factor": 3},
+    "resources": {"cpu": 1},
+}
+
+
+def child_runs(store: Path, experiment: str, parent: str | None = None):
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("mlflow.parentRunId") and
+                    (parent is None or r.data.tags["mlflow.parentRunId"] == parent)]
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def test_sweep_end_to_end_logs_every_trial_and_reuses_pretraining(tiny_sweep, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("DLSWEEP_DATA_DIR", data_dir)
+    store = tmp_path / "store"
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", str(tiny_sweep), "--store", str(store)])
+    assert first.exit_code == 0, first.output
+    state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
+    assert state["status"] == "finished"
+    client, runs = child_runs(store, "tiny", state["parent_run_id"])
+    stages = [r.data.tags["dlsweep.stage"] for r in runs]
+    assert stages.count("ae") == 1  # pretraining ran once for its one (config, seed)
+    finetune = [r for r in runs if r.data.tags["dlsweep.stage"] == "finetune"]
+    assert len(finetune) == 2 * 2 * 3  # arms x budgets x samples
+    cells = {r.data.tags["dlsweep.cell"] for r in finetune}
+    assert cells == {f"{a}/labels={n}/steps=40/seed=0" for a in ("scratch", "pretrained") for n in (20, 50)}
+    for r in finetune:
+        p = r.data.params
+        assert p["labels"] in ("20", "50") and p["steps"] == "40" and p["seed"] == "0" and "lr" in p
+        assert (p.get("init_encoder") is not None) == (r.data.tags["dlsweep.arm"] == "pretrained")
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")][:1] == [10]
+    outcomes = [r.data.tags["dlsweep.outcome"] for r in finetune]
+    assert "stopped_early" in outcomes  # ASHA cut some trials inside their cells
+    done = [r for r in finetune if r.data.tags["dlsweep.outcome"] == "completed"]
+    assert done and all("test_acc" in r.data.metrics for r in done)
+    arts = {a.path for a in client.list_artifacts(done[0].info.run_id, "checkpoint")}
+    assert {"checkpoint/model.pt", "checkpoint/encoder.pt"} <= arts
+    ae_run = next(r for r in runs if r.data.tags["dlsweep.stage"] == "ae")
+    assert {a.path for a in client.list_artifacts(ae_run.info.run_id, "plots")} == {
+        "plots/loss_curves.png", "plots/reconstructions.png"}
+
+    second = runner.invoke(app, ["run", str(tiny_sweep), "--store", str(store), "--set", "finetune.samples=1"])
+    assert second.exit_code == 0, second.output
+    assert "reusing cached encoder" in second.output and "pretrain: 1 run" not in second.output
+    state2 = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
+    _, runs2 = child_runs(store, "tiny", state2["parent_run_id"])
+    assert [r.data.tags["dlsweep.stage"] for r in runs2].count("ae") == 0  # the second run pretrained nothing
+    assert len(runs2) == 4
+
+
+def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_dir):
+    raw = yaml.safe_load(tiny_sweep.read_text())
+    raw["finetune"].update(samples=2, steps=[300], eval_every=100, search={})
+    raw["asha"]["enabled"] = False
+    tiny_sweep.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    env = {**os.environ, "DLSWEEP_DATA_DIR": data_dir}
+    cmd = [sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    finished_before = []
+    while time.time() < deadline:
+        time.sleep(1)
+        if not (store / "mlflow.db").exists() or not (store / "sweeps" / "tiny" / "state.json").exists():
+            continue
+        try:
+            _, runs = child_runs(store, "tiny")
+        except Exception:  # the store is still being created
+            continue
+        finished_before = [r for r in runs if r.data.tags.get("dlsweep.outcome") == "completed"
+                           and r.data.tags["dlsweep.stage"] == "finetune"]
+        if len(finished_before) >= 2:
+            break
+    assert proc.poll() is None, proc.stdout.read().decode()
+    time.sleep(1.5)  # Tune saves its experiment state every second
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, runs = child_runs(store, "tiny")
+    finished_before = {r.info.run_id: r.data.tags["dlsweep.trial_id"] for r in runs
+                       if r.data.tags.get("dlsweep.outcome") == "completed" and r.data.tags["dlsweep.stage"] == "finetune"}
+    assert 2 <= len(finished_before) < 8
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming tiny" in resumed.stdout
+    state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
+    assert state["status"] == "finished"
+    _, runs = child_runs(store, "tiny", state["parent_run_id"])
+    finetune = [r for r in runs if r.data.tags["dlsweep.stage"] == "finetune"]
+    assert len(finetune) == 8  # no duplicates
+    assert len({r.data.tags["dlsweep.trial_id"] for r in finetune}) == 8
+    assert all(r.data.tags.get("dlsweep.outcome") == "completed" for r in finetune)
+    ids = {r.info.run_id for r in finetune}
+    assert set(finished_before) <= ids  # finished trials kept their runs: they were not rerun
+
+    again = subprocess.run(cmd + ["--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "nothing to resume" in again.stderr
