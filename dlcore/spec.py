@@ -171,8 +171,8 @@ class AshaSpec(Strict):
 
 
 class Resources(Strict):
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
 
 
 class Tracking(Strict):
