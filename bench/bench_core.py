@@ -39,21 +39,27 @@ class NotebookMNIST(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i], mode="L")), int(self.y[i])
 
 
-def notebook_autoencoder(x: np.ndarray, y: np.ndarray, steps: int, batch: int) -> float:
-    torch.manual_seed(0)
-    model = models.Autoencoder(models.conv_encoder((1, 28, 28)), models.conv_decoder((1, 28, 28)))
+def notebook_steps(model, loader: DataLoader, loss_fn, steps: int) -> None:
+    """The epoch loop of a course notebook, cut off after ``steps`` optimizer steps."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = DataLoader(NotebookMNIST(x, y), batch_size=batch, shuffle=True, drop_last=True)
-    done, t0 = 0, time.perf_counter()
+    done = 0
     while done < steps:
-        for xb, _ in loader:
-            loss = losses.l1(model(xb), xb)
+        for xb, yb in loader:
+            loss = loss_fn(model, xb, yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
             done += 1
             if done == steps:
-                break
+                return
+
+
+def notebook_autoencoder(x: np.ndarray, y: np.ndarray, steps: int, batch: int) -> float:
+    torch.manual_seed(0)
+    model = models.Autoencoder(models.conv_encoder((1, 28, 28)), models.conv_decoder((1, 28, 28)))
+    loader = DataLoader(NotebookMNIST(x, y), batch_size=batch, shuffle=True, drop_last=True)
+    t0 = time.perf_counter()
+    notebook_steps(model, loader, lambda m, xb, yb: losses.l1(m(xb), xb), steps)
     return steps * batch / (time.perf_counter() - t0)
 
 
@@ -63,18 +69,8 @@ def notebook_finetune(x, y, xt, yt, steps: int, labels: int) -> tuple[float, flo
     torch.manual_seed(0)
     train_set = torch.utils.data.Subset(NotebookMNIST(x, y), np.random.default_rng(0).permutation(len(x))[:labels])
     model = models.Classifier(models.conv_encoder((1, 28, 28)), models.mlp_head(12, 10))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = DataLoader(train_set, batch_size=64, shuffle=True)
-    done = 0
-    while done < steps:
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
+    notebook_steps(model, loader, lambda m, xb, yb: F.cross_entropy(m(xb), yb), steps)
     model.eval()
     correct = 0
     with torch.no_grad():

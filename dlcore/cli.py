@@ -104,6 +104,7 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: reports/<experiment>)."),
     target: Optional[float] = typer.Option(None, "--target", help="Accuracy to count steps to (default: the sweep's 'target')."),
     parent: Optional[str] = typer.Option(None, "--run", help="Parent run id of the sweep invocation (default: the latest)."),
+    curves: List[str] = typer.Option([], "--curves", help="Cell to draw loss curves for, e.g. scratch/labels=100 (repeatable)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
     store: Path = ROOT_OPTION,
 ):
@@ -125,7 +126,7 @@ def report(
         fail(f"no MLflow store at {store / 'mlflow.db'}; run the sweep first or pass --tracking-uri")
     client = MlflowClient(tracking_uri or default_uri(store))
     try:
-        result = R.build(client, name, out or Path("reports") / name, parent=parent, target=target)
+        result = R.build(client, name, out or Path("reports") / name, parent=parent, target=target, curves=curves or None)
     except ValueError as e:
         fail(str(e))
     _print_report(result, name)

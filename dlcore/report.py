@@ -71,6 +71,19 @@ SEARCH_KEYS = ("lr", "weight_decay", "encoder_lr", "batch_size", "head_hidden")
 
 def select(trials: list[Trial], mode: str = "max") -> list[Cell]:
     """Per (arm, labels, steps): each seed's best completed trial by validation, then over seeds."""
+    groups: dict[tuple, list[Trial]] = defaultdict(list)
+    for t in sorted(selected_trials(trials, mode), key=lambda t: (t.arm, t.labels, t.steps, t.seed)):
+        groups[(t.arm, t.labels, t.steps)].append(t)
+    cells = []
+    for (arm, labels, steps), ts in sorted(groups.items()):
+        top = max(ts, key=lambda t: t.val) if mode == "max" else min(ts, key=lambda t: t.val)
+        params = {k: top.params[k] for k in SEARCH_KEYS if k in top.params}
+        cells.append(Cell(arm, labels, steps, [t.test_acc for t in ts], params))
+    return cells
+
+
+def selected_trials(trials: list[Trial], mode: str) -> list[Trial]:
+    """The completed trial with the best validation metric in each (arm, labels, steps, seed) cell."""
     best: dict[tuple, Trial] = {}
     for t in trials:
         if t.outcome != "completed" or t.val is None or t.test_acc is None:
@@ -78,15 +91,7 @@ def select(trials: list[Trial], mode: str = "max") -> list[Cell]:
         key = (t.arm, t.labels, t.steps, t.seed)
         if key not in best or (t.val > best[key].val if mode == "max" else t.val < best[key].val):
             best[key] = t
-    groups: dict[tuple, list[Trial]] = defaultdict(list)
-    for (arm, labels, steps, _), t in sorted(best.items()):
-        groups[(arm, labels, steps)].append(t)
-    cells = []
-    for (arm, labels, steps), ts in sorted(groups.items()):
-        top = max(ts, key=lambda t: t.val) if mode == "max" else min(ts, key=lambda t: t.val)
-        params = {k: top.params[k] for k in SEARCH_KEYS if k in top.params}
-        cells.append(Cell(arm, labels, steps, [t.test_acc for t in ts], params))
-    return cells
+    return list(best.values())
 
 
 def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -278,7 +283,29 @@ def efficiency_phrase(e: dict) -> str:
     return f"scratch needs ~{e['baseline_labels']:,.0f} labels ({e['ratio']:.1f}x)"
 
 
-def build(client: MlflowClient, experiment: str, out: Path, parent: str | None = None, target: float | None = None) -> dict:
+def _history(client: MlflowClient, run_id: str) -> dict:
+    return {k: [(h.step, h.value) for h in client.get_metric_history(run_id, k)]
+            for k in ("train_loss", "val_loss", "train_acc", "val_acc", "val_knn_acc")}
+
+
+def curve_trials(chosen: list[Trial], cells: list[str] | None) -> list[Trial]:
+    """Trials whose loss curves to draw: for each ``arm/labels=N`` asked for (default: every arm at
+    its smallest budget), the selected trial of the lowest seed."""
+    if not cells:
+        smallest = min(t.labels for t in chosen)
+        cells = sorted({f"{t.arm}/labels={smallest}" for t in chosen if t.labels == smallest})
+    out = []
+    for cell in cells:
+        matches = sorted((t for t in chosen if f"{t.arm}/labels={t.labels}" == cell or f"{t.arm}/labels={t.budget}" == cell),
+                         key=lambda t: (t.steps, t.seed))
+        if not matches:
+            raise ValueError(f"no completed trial in cell '{cell}'; cells look like 'scratch/labels=100'")
+        out.append(matches[0])
+    return out
+
+
+def build(client: MlflowClient, experiment: str, out: Path, parent: str | None = None, target: float | None = None,
+          curves: list[str] | None = None) -> dict:
     """Write figures, tables and report.md for one sweep invocation (default: the latest); returns what was found."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -304,25 +331,24 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
     if cells:
         plots.save(fig_accuracy_vs_labels(cells, colors, f"{experiment}: test accuracy vs labels"), out / "accuracy_vs_labels.png", svg=True)
         figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget. {_ci_caption(cells)}."))
-    chosen = _selected_trials(trials, mode)
+    chosen = selected_trials(trials, mode)
     if any(t.curve for t in chosen):
         plots.save(fig_accuracy_vs_steps(chosen, colors, f"{experiment}: validation accuracy during fine-tuning", target),
                    out / "accuracy_vs_steps.png", svg=True)
         figures.append(("accuracy_vs_steps.png", "Validation accuracy vs fine-tune step per budget (selected trials; "
                         "band: 95% Student-t CI over seeds)" + (f"; dotted: target {target:.0%}." if target else ".")))
-        smallest = min(t.labels for t in chosen)
-        for arm in arms:
-            t = next((t for t in chosen if t.arm == arm and t.labels == smallest), None)
-            if t is not None:
-                history = {k: [(h.step, h.value) for h in client.get_metric_history(t.run_id, k)]
-                           for k in ("train_loss", "val_loss", "train_acc", "val_acc")}
-                name = f"loss_curves_{arm}.png"
-                plots.save(plots.loss_curves(history, f"{arm}, {smallest} labels, seed {t.seed}"), out / name, svg=True)
-                figures.append((name, f"Train and validation loss and accuracy: {arm} arm, {smallest} labels, seed {t.seed}."))
+        for t in curve_trials(chosen, curves):
+            name = f"loss_curves_{t.arm}_{t.labels}.png"
+            title = f"{t.arm}, {t.labels} labels, {t.steps} steps, seed {t.seed}"
+            plots.save(plots.loss_curves(_history(client, t.run_id), title), out / name, svg=True)
+            figures.append((name, f"Train and validation loss and accuracy: {title}."))
 
     stages = stage_runs(client, exp.experiment_id)
     grids, losses = {}, {}
     for stage, run in stages.items():
+        name = f"loss_curves_{stage}.png"
+        plots.save(plots.loss_curves(_history(client, run.info.run_id), f"pretraining stage {stage}"), out / name, svg=True)
+        figures.append((name, f"Train and validation loss of pretraining stage {stage} per evaluation."))
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 path = client.download_artifacts(run.info.run_id, "checkpoint/samples.pt", tmp)
@@ -372,17 +398,6 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
     client.log_artifacts(parent, str(out), "report")
     return {"parent": parent, "cells": cells, "rows": rows, "efficiency": efficiency, "missing": missing,
             "failed": len(failed), "figures": [f for f, _ in figures], "out": out, "target": target}
-
-
-def _selected_trials(trials: list[Trial], mode: str) -> list[Trial]:
-    best: dict[tuple, Trial] = {}
-    for t in trials:
-        if t.outcome != "completed" or t.val is None:
-            continue
-        key = (t.arm, t.labels, t.steps, t.seed)
-        if key not in best or (t.val > best[key].val if mode == "max" else t.val < best[key].val):
-            best[key] = t
-    return list(best.values())
 
 
 def summary_rows(cells: list[Cell], chosen: list[Trial], target: float | None) -> list[dict]:

@@ -117,3 +117,11 @@ def test_report_cli_prints_table_and_unknown_experiment_fails(tmp_path):
     assert "72.00% ± 4.97%" in result.output and "scratch needs ~316 labels (3.2x)" in result.output
     bad = runner.invoke(app, ["report", "nope", "--store", str(tmp_path)])
     assert bad.exit_code == 2 and "no MLflow experiment 'nope'" in bad.output
+
+
+def test_loss_curves_for_a_chosen_cell(tmp_path):
+    client, _ = fill(tmp_path)
+    result = R.build(client, "known", tmp_path / "out", curves=["scratch/labels=1000"])
+    assert "loss_curves_scratch_1000.png" in result["figures"] and "loss_curves_pretrained_100.png" not in result["figures"]
+    with pytest.raises(ValueError, match="no completed trial in cell 'scratch/labels=7'"):
+        R.build(client, "known", tmp_path / "out", curves=["scratch/labels=7"])
