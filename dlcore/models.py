@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 
@@ -117,13 +116,38 @@ def conv_decoder(
     return nn.Sequential(*layers)
 
 
-def resnet18_cifar(image_shape: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:
-    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool); outputs 512 features."""
-    net = torchvision.models.resnet18(num_classes=10)
-    net.conv1 = nn.Conv2d(image_shape[0], 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return _with_dim(net, 512)
+class BasicBlock(nn.Module):
+    """ResNet's two-conv residual block (He et al. 2016)."""
+
+    def __init__(self, a: int, b: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(a, b, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(b)
+        self.conv2 = nn.Conv2d(b, b, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(b)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or a != b:
+            self.shortcut = nn.Sequential(nn.Conv2d(a, b, 1, stride, bias=False), nn.BatchNorm2d(b))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18_cifar(image_shape: tuple[int, int, int] = (3, 32, 32), width: int = 64) -> nn.Module:
+    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool); outputs 8 * width features.
+
+    Hand-written rather than torchvision's because torchvision fixes BasicBlock widths, and smoke
+    runs on a CPU need a narrow one (width 16: ~1/16 of the FLOPs).
+    """
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    layers: list[nn.Module] = [nn.Conv2d(image_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    prev = width
+    for i, w in enumerate(widths):
+        layers += [BasicBlock(prev, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+        prev = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return _with_dim(nn.Sequential(*layers), widths[-1])
 
 
 def projection_head(in_dim: int, out_dim: int = 128, hidden: int = 2048) -> nn.Module:

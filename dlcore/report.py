@@ -69,7 +69,7 @@ class Cell:
 SEARCH_KEYS = ("lr", "weight_decay", "encoder_lr", "batch_size", "head_hidden")
 
 
-def select(trials: list[Trial], mode: str = "max") -> list[Cell]:
+def select(trials: list[Trial], mode: str = "max", search_keys: tuple = SEARCH_KEYS) -> list[Cell]:
     """Per (arm, labels, steps): each seed's best completed trial by validation, then over seeds."""
     groups: dict[tuple, list[Trial]] = defaultdict(list)
     for t in sorted(selected_trials(trials, mode), key=lambda t: (t.arm, t.labels, t.steps, t.seed)):
@@ -77,7 +77,7 @@ def select(trials: list[Trial], mode: str = "max") -> list[Cell]:
     cells = []
     for (arm, labels, steps), ts in sorted(groups.items()):
         top = max(ts, key=lambda t: t.val) if mode == "max" else min(ts, key=lambda t: t.val)
-        params = {k: top.params[k] for k in SEARCH_KEYS if k in top.params}
+        params = {k: top.params[k] for k in search_keys if k in top.params}
         cells.append(Cell(arm, labels, steps, [t.test_acc for t in ts], params))
     return cells
 
@@ -235,16 +235,17 @@ def fig_accuracy_vs_steps(selected: list[Trial], colors: dict, title: str, targe
                 ax.fill_between(steps, y.mean(0) - hw, y.mean(0) + hw, color=colors[arm], alpha=0.18, lw=0)
         if target is not None:
             ax.axhline(target * 100, color="#999999", ls=":", lw=1)
-        ax.set_title(f"{labels} labels")
+        ax.set_title(f"{labels:,} labels")
         ax.set_xlabel("fine-tune step")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(budgets):]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("validation accuracy (%)")
-    axes.flat[0].legend(frameon=False, loc="lower right")
+    handles, names = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(title)
     fig.tight_layout()
+    fig.legend(handles, names, loc="upper right", ncol=len(names), frameon=False)  # above the panels, never on a curve
     return fig
 
 
@@ -314,23 +315,24 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
     if parent is None:
         raise ValueError(f"experiment '{experiment}' has no sweep runs yet")
     spec = sweep_of(client, parent)
-    expected, metric, mode = None, "val_acc", "max"
+    expected, metric, mode, searched = None, "val_acc", "max", SEARCH_KEYS
     if spec is not None:
         from .spec import finetune_cells
 
         expected = [c.key for c in finetune_cells(spec)]
         metric, mode = spec.metric, spec.mode
+        searched = tuple(spec.finetune.search) if spec.finetune else ()
         target = target if target is not None else spec.target
     out.mkdir(parents=True, exist_ok=True)
     trials, _ = read_trials(client, exp.experiment_id, parent, metric)
-    cells = select(trials, mode)
+    cells = select(trials, mode, searched)
     arms = sorted({t.arm for t in trials})
     colors = plots.arm_colors(arms)
     figures: list[tuple[str, str]] = []  # (file, caption)
 
     if cells:
         plots.save(fig_accuracy_vs_labels(cells, colors, f"{experiment}: test accuracy vs labels"), out / "accuracy_vs_labels.png", svg=True)
-        figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget. {_ci_caption(cells)}."))
+        figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget: {_ci_caption(cells)}."))
     chosen = selected_trials(trials, mode)
     if any(t.curve for t in chosen):
         plots.save(fig_accuracy_vs_steps(chosen, colors, f"{experiment}: validation accuracy during fine-tuning", target),
@@ -388,8 +390,8 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
     md += ["## Summary per cell", "", table_md, ""]
     if efficiency:
         md += ["## Label efficiency", "", "Labels the scratch arm needs to match each pretrained budget's mean test accuracy "
-               "(linear interpolation in log(labels) between the scratch budgets; 'never' when scratch never gets there "
-               "within its largest budget).", "", eff_md, ""]
+               "(linear interpolation in log(labels) between the scratch budgets; 'more than it has' when scratch does "
+               "not get there at its largest budget).", "", eff_md, ""]
     if losses:
         md += ["## Pretraining stages", "", "| stage | test loss |", "| --- | --- |"]
         md += [f"| {s} | {v:.4f} |" for s, v in sorted(losses.items()) if v is not None]
@@ -429,7 +431,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _markdown(rows: list[dict]) -> str:
     if not rows:
         return "_No completed fine-tune trials yet._"
-    head = list(rows[0])
+    head = [k for k in rows[0] if k != "test_acc_ci95"]  # shown as ± in the mean's column
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for r in rows:
         cells = []
@@ -438,8 +440,6 @@ def _markdown(rows: list[dict]) -> str:
             if k == "test_acc_mean":
                 ci = r["test_acc_ci95"]
                 v = f"{v:.2%}" + (f" ± {ci:.2%}" if ci is not None else "")
-            elif k == "test_acc_ci95":
-                v = "" if v is None else f"{v:.2%}"
             cells.append("" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

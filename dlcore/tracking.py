@@ -7,6 +7,7 @@ however many trials run at once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -22,6 +23,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # no
 from ray import tune  # noqa: E402
 
 from . import plots  # noqa: E402
+
+for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a fresh store
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 TAG = "dlsweep."  # prefix of every tag this tool sets
 

@@ -31,8 +31,10 @@ def test_conv_autoencoder_roundtrips_shape_through_latent_d(shape, channels, fc_
 
 def test_resnet18_cifar_stem_and_siamese_forward():
     enc = models.resnet18_cifar()
-    assert enc.conv1.kernel_size == (3, 3) and enc.conv1.stride == (1, 1)
-    assert isinstance(enc.maxpool, torch.nn.Identity)
+    assert enc[0].kernel_size == (3, 3) and enc[0].stride == (1, 1)  # CIFAR stem, and no max-pool after it
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in enc.modules())
+    assert sum(isinstance(m, models.BasicBlock) for m in enc.modules()) == 8
+    assert models.resnet18_cifar(width=16).out_dim == 128
     net = models.Siamese(enc, models.projection_head(enc.out_dim, 64, 256))
     h, z = net(torch.rand(2, 3, 32, 32))
     assert h.shape == (2, 512) and z.shape == (2, 64)

@@ -17,7 +17,7 @@ SPEC = {
     "name": "known",
     "data": {"dataset": "mnist"},
     "finetune": {"arms": {"scratch": {}, "pretrained": {"from": "ae"}}, "labels": [100, 1000], "steps": [200],
-                 "seeds": [0, 1, 2], "samples": 2},
+                 "seeds": [0, 1, 2], "samples": 2, "search": {"lr": {"loguniform": [1e-4, 1e-2]}}},
     "pretrain": {"ae": {"objective": "autoencoder", "steps": 10}},
     "target": 0.8,
 }

@@ -139,3 +139,25 @@ def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_di
 
     again = subprocess.run(cmd + ["--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "nothing to resume" in again.stderr
+
+
+def test_sweep_joins_a_multi_node_cluster_with_address(tiny_sweep, tmp_path, data_dir):
+    from ray.cluster_utils import Cluster
+
+    raw = yaml.safe_load(tiny_sweep.read_text())
+    raw["finetune"].update(samples=1, search={})
+    tiny_sweep.write_text(yaml.safe_dump(raw))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        env = {**os.environ, "DLSWEEP_DATA_DIR": data_dir}
+        store = tmp_path / "store"
+        result = subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store),
+                                 "--address", cluster.address], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
+        _, runs = child_runs(store, "tiny", state["parent_run_id"])
+        assert len(runs) == 1 + 4 and all(r.data.tags["dlsweep.outcome"] == "completed" for r in runs)
+    finally:
+        cluster.shutdown()
