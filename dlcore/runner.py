@@ -198,7 +198,8 @@ class ProgressCallback(tune.Callback):
         tags = trial.config["job"]["tags"]
         name = tags.get("cell") or f"{tags['stage']} seed={tags.get('seed')}"
         last = trial.last_result or {}
-        metric = "val_acc" if "val_acc" in last or "best_val_acc" in last else "val_loss"
+        train = trial.config["job"]["train"]
+        metric = train.get("metric") or ("val_acc" if train["objective"] == "classify" else "val_loss")
         value = last.get(f"best_{metric}", last.get(metric))
         line = f"[{'green' if outcome == 'completed' else 'yellow' if outcome == 'stopped_early' else 'red'}]{outcome:13}[/] {name}"
         if value is not None:
@@ -325,16 +326,11 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     state["status"] = "running"
     _write_state(state_path, state)
 
-    threads = max(1, int(sweep.resources.cpu))
-    resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", configure_logging=True)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if resources["gpu"] and not gpus:
-        console.print(f"[yellow]no GPU in the Ray cluster: trials run on CPU (resources.gpu {resources['gpu']} ignored)[/]",
-                      highlight=False)
-        resources["gpu"] = 0
+    resources = fit_resources({"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}, console)
+    threads = max(1, int(resources["cpu"]))
     data = ds.to_numpy()
     try:
         ok = _run_pretraining(sweep, paths, state, uri, data, resources, threads, console)
@@ -351,6 +347,25 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     _write_state(state_path, state)
     tracking.finish_parent(uri, state["parent_run_id"], "FINISHED" if ok else "KILLED")
     return state
+
+
+def fit_resources(resources: dict, console: Console) -> dict:
+    """Shrink a trial's request to what one node of the cluster has, saying so: a request no node
+    can meet would leave Tune waiting forever. The same sweep file then runs on a GPU cluster and
+    on a laptop."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    most_cpu = max(n.get("CPU", 0) for n in nodes)
+    most_gpu = max(n.get("GPU", 0) for n in nodes)
+    fitted = dict(resources)
+    if resources["gpu"] > most_gpu:
+        fitted["gpu"] = 0 if not most_gpu else most_gpu
+        console.print(f"[yellow]resources.gpu {resources['gpu']} > {most_gpu} GPU(s) per node: trials get {fitted['gpu']}"
+                      f"{' and run on CPU' if not fitted['gpu'] else ''}[/]", highlight=False)
+    if resources["cpu"] > most_cpu:
+        fitted["cpu"] = most_cpu
+        console.print(f"[yellow]resources.cpu {resources['cpu']} > {most_cpu} CPU(s) per node: trials get {most_cpu}[/]",
+                      highlight=False)
+    return fitted
 
 
 def _run_pretraining(sweep, paths, state, uri, data, resources, threads, console) -> bool:

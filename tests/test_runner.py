@@ -146,6 +146,7 @@ def test_sweep_joins_a_multi_node_cluster_with_address(tiny_sweep, tmp_path, dat
 
     raw = yaml.safe_load(tiny_sweep.read_text())
     raw["finetune"].update(samples=1, search={})
+    raw["resources"] = {"cpu": 2, "gpu": 0.5}  # more than any node has: shrunk with a warning, not a hang
     tiny_sweep.write_text(yaml.safe_dump(raw))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
@@ -156,6 +157,8 @@ def test_sweep_joins_a_multi_node_cluster_with_address(tiny_sweep, tmp_path, dat
         result = subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store),
                                  "--address", cluster.address], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "resources.cpu 2.0 > 1.0 CPU(s) per node: trials get 1.0" in result.stdout
+        assert "resources.gpu 0.5 > 0 GPU(s) per node: trials get 0 and run on CPU" in result.stdout
         state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
         _, runs = child_runs(store, "tiny", state["parent_run_id"])
         assert len(runs) == 1 + 4 and all(r.data.tags["dlsweep.outcome"] == "completed" for r in runs)
