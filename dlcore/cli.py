@@ -69,7 +69,8 @@ def run(
     except (SpecError, DataError, RunError) as e:
         fail(str(e))
     if state["status"] != "finished":
-        err.print(f"interrupted; continue with: dlsweep run {sweep_file} --resume", highlight=False)
+        where = "" if store == Path("mlflow_runs") else f" --store {store}"
+        err.print(f"interrupted; continue with: dlsweep run {sweep_file} --resume{where}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     console.print(f"[bold green]done[/]: experiment '{sweep.tracking.experiment or sweep.name}', parent run "
                   f"{state['parent_run_id']}; see it with: dlsweep ui", highlight=False, soft_wrap=True)

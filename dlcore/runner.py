@@ -285,14 +285,14 @@ def _levels(sweep: Sweep, jobs: dict) -> list[list[Job]]:
     return [levels[d] for d in sorted(levels)]
 
 
-def _fit(tuner: tune.Tuner, console: Console, label: str, total: int, done: int = 0) -> bool:
-    """Run the tuner under a live bar; True if every trial ended (completed, stopped early or failed)."""
+def _fit(tuner: tune.Tuner, console: Console, label: str, total: int, done: int = 0):
+    """Run the tuner under a live bar. Whether it finished is judged by the caller: after Ctrl-C,
+    Tune reports the trials it stopped as terminated."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
     DISPLAY.update(progress=progress, task=progress.add_task(label, total=total, completed=done, status=""))
     with progress:
-        results = tuner.fit()
-    return results.num_terminated + results.num_errors >= total
+        return tuner.fit()
 
 
 def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
@@ -390,11 +390,10 @@ def _run_pretraining(sweep, paths, state, uri, data, resources, threads, console
                                       callbacks=[mlflow_cb, ProgressCallback()], verbose=0,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
-        finished = _fit(tuner, console, "pretrain", len(todo))
-        results = tuner.get_results()
+        results = _fit(tuner, console, "pretrain", len(todo))
         for result in results:
             key = result.config["job"]["key"]
-            if result.error is None and result.checkpoint is not None:
+            if result.error is None and result.checkpoint is not None and "test_loss" in (result.metrics or {}):
                 tmp = paths.cache / f".{key}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(result.checkpoint.path, tmp)
@@ -403,8 +402,8 @@ def _run_pretraining(sweep, paths, state, uri, data, resources, threads, console
         failed = [r for r in results if r.error is not None]
         if failed:
             raise RunError(f"pretraining failed: {failed[0].config['job']['tags']['stage']}: {str(failed[0].error).splitlines()[-1]}")
-        if not finished:
-            return False
+        if any(not (paths.cache / j.key / "encoder.pt").exists() for j in todo):
+            return False  # interrupted: the unfinished stages run again on --resume
     return True
 
 
@@ -418,8 +417,7 @@ def _run_finetune(sweep, paths, state, uri, data, resources, threads, console, r
     if resume and tune.Tuner.can_restore(str(path)):
         # Finished trials stay finished; the searcher, ASHA and both callbacks come back from disk.
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        previous = tuner.get_results()
-        done = previous.num_terminated + previous.num_errors
+        done = tracking.count_ended(uri, state["experiment_id"], state["parent_run_id"], "finetune")
         console.print(f"finetune: {done} of {total} trials already finished", highlight=False)
     else:
         space = {k: d.to_tune() for k, d in ft.search.items()}
@@ -435,4 +433,6 @@ def _run_finetune(sweep, paths, state, uri, data, resources, threads, console, r
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     console.print(f"finetune: {len(cells)} grid cells x {ft.samples} sample(s) = {total} trials", highlight=False)
-    return _fit(tuner, console, "finetune", total, done)
+    _fit(tuner, console, "finetune", total, done)
+    ended = tracking.count_ended(uri, state["experiment_id"], state["parent_run_id"], "finetune")
+    return ended >= total

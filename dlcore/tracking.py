@@ -162,5 +162,13 @@ class MlflowCallback(tune.Callback):
             self.client.log_artifacts(run_id, tmp, "plots")
 
 
+def count_ended(uri: str, experiment_id: str, parent_run_id: str, stage: str) -> int:
+    """Trials of ``stage`` under the parent that ended: completed, stopped early or failed."""
+    runs = MlflowClient(uri).search_runs(
+        [experiment_id], max_results=50000,
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TAG}stage` = '{stage}'")
+    return sum(1 for r in runs if r.data.tags.get(TAG + "outcome") in ("completed", "stopped_early", "failed"))
+
+
 def finish_parent(uri: str, run_id: str, status: str) -> None:
     MlflowClient(uri).set_terminated(run_id, status)

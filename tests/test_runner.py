@@ -164,3 +164,23 @@ def test_sweep_joins_a_multi_node_cluster_with_address(tiny_sweep, tmp_path, dat
         assert len(runs) == 1 + 4 and all(r.data.tags["dlsweep.outcome"] == "completed" for r in runs)
     finally:
         cluster.shutdown()
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_sweep, tmp_path, data_dir):
+    raw = yaml.safe_load(tiny_sweep.read_text())
+    del raw["pretrain"]
+    raw["finetune"].update(arms={"scratch": {}}, samples=1, steps=[3000], eval_every=100, search={})
+    tiny_sweep.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    env = {**os.environ, "DLSWEEP_DATA_DIR": data_dir}
+    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store)], env=env,
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((store / "ray").glob("*/*/finetune/*/checkpoint_*")):
+        time.sleep(0.5)  # until a trial has reported
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert f"continue with: dlsweep run {tiny_sweep} --resume --store {store}" in out
+    assert json.loads((store / "sweeps" / "tiny" / "state.json").read_text())["status"] == "interrupted"
+    assert "Traceback" not in out
