@@ -147,8 +147,11 @@ def _print_report(result: dict, name: str) -> None:
             extra = ((str(r["steps_to_target"] or "-") + f" ({r['reached_target']})"),) if target else ()
             t.add_row(r["arm"], str(r["labels"]), str(r["steps"]), str(r["seeds"]), f"{r['test_acc_mean']:.2%}{ci}", *extra)
         console.print(t)
-    else:
+    elif result["finetuned"]:
         console.print("no completed fine-tune trials yet")
+    for stage, loss in sorted(result["stage_losses"].items()):
+        if loss is not None:
+            console.print(f"pretraining stage {stage}: test loss {loss:.4f}", highlight=False)
     for e in result["efficiency"]:
         console.print(f"{e['arm']} with {e['labels']} labels ({e['accuracy']:.2%}, {e['steps']} steps): {R.efficiency_phrase(e)}",
                       highlight=False)

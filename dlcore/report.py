@@ -347,7 +347,7 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
 
     stages = stage_runs(client, exp.experiment_id)
     grids, losses = {}, {}
-    for stage, run in stages.items():
+    for stage, run in sorted(stages.items()):
         name = f"loss_curves_{stage}.png"
         plots.save(plots.loss_curves(_history(client, run.info.run_id), f"pretraining stage {stage}"), out / name, svg=True)
         figures.append((name, f"Train and validation loss of pretraining stage {stage} per evaluation."))
@@ -381,13 +381,17 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
         notes.append(f"{len(failed)} trial(s) failed and are left out.")
     if running:
         notes.append(f"{len(running)} trial(s) still running or interrupted are left out.")
-    md = [f"# {experiment}: data-efficiency report", "",
-          f"Sweep run `{parent}` in `{client.tracking_uri}`. Hyperparameters are selected per cell and seed on "
-          f"the validation split ({metric}); the numbers below are test accuracy of the selected checkpoints.", ""]
+    finetuned = spec is None or spec.finetune is not None
+    intro = (f"Hyperparameters are selected per cell and seed on the validation split ({metric}); the numbers below "
+             "are test accuracy of the selected checkpoints." if finetuned else
+             "A pretraining-only sweep: each stage keeps its best checkpoint by validation loss; test losses below.")
+    md = [f"# {experiment}: {'data-efficiency report' if finetuned else 'pretraining report'}", "",
+          f"Sweep run `{parent}` in `{client.tracking_uri}`. {intro}", ""]
     md += [n + "\n" for n in notes]
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
-    md += ["## Summary per cell", "", table_md, ""]
+    if finetuned:
+        md += ["## Summary per cell", "", table_md, ""]
     if efficiency:
         md += ["## Label efficiency", "", "Labels the scratch arm needs to match each pretrained budget's mean test accuracy "
                "(linear interpolation in log(labels) between the scratch budgets; 'more than it has' when scratch does "
@@ -399,7 +403,8 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
     (out / "report.md").write_text("\n".join(md))
     client.log_artifacts(parent, str(out), "report")
     return {"parent": parent, "cells": cells, "rows": rows, "efficiency": efficiency, "missing": missing,
-            "failed": len(failed), "figures": [f for f, _ in figures], "out": out, "target": target}
+            "failed": len(failed), "figures": [f for f, _ in figures], "out": out, "target": target,
+            "finetuned": finetuned, "stage_losses": losses}
 
 
 def summary_rows(cells: list[Cell], chosen: list[Trial], target: float | None) -> list[dict]:

@@ -83,6 +83,14 @@ def test_sweep_end_to_end_logs_every_trial_and_reuses_pretraining(tiny_sweep, tm
     assert {a.path for a in client.list_artifacts(ae_run.info.run_id, "plots")} == {
         "plots/loss_curves.png", "plots/reconstructions.png"}
 
+    rep = runner.invoke(app, ["report", str(tiny_sweep), "--store", str(store), "--out", str(tmp_path / "report")])
+    assert rep.exit_code == 0, rep.output
+    assert "pretraining stage ae: test loss" in rep.output
+    for name in ("accuracy_vs_labels.png", "accuracy_vs_steps.svg", "reconstructions.png", "loss_curves_ae.png", "report.md"):
+        assert (tmp_path / "report" / name).exists(), name
+    summary = (tmp_path / "report" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("arm,labels,steps,seeds,test_acc_mean") and len(summary) == 1 + 4
+
     second = runner.invoke(app, ["run", str(tiny_sweep), "--store", str(store), "--set", "finetune.samples=1"])
     assert second.exit_code == 0, second.output
     assert "reusing cached encoder" in second.output and "pretrain: 1 run" not in second.output
