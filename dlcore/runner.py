@@ -198,8 +198,7 @@ class ProgressCallback(tune.Callback):
         tags = trial.config["job"]["tags"]
         name = tags.get("cell") or f"{tags['stage']} seed={tags.get('seed')}"
         last = trial.last_result or {}
-        train = trial.config["job"]["train"]
-        metric = train.get("metric") or ("val_acc" if train["objective"] == "classify" else "val_loss")
+        metric = TrainConfig(**trial.config["job"]["train"]).metric
         value = last.get(f"best_{metric}", last.get(metric))
         line = f"[{'green' if outcome == 'completed' else 'yellow' if outcome == 'stopped_early' else 'red'}]{outcome:13}[/] {name}"
         if value is not None:
@@ -215,8 +214,7 @@ class ProgressCallback(tune.Callback):
         self._update()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        self._finish(trial, "completed" if "test_loss" in last else "stopped_early")
+        self._finish(trial, tracking.outcome(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, "failed")

@@ -76,6 +76,11 @@ def numeric_metrics(result: dict) -> dict:
             and not isinstance(v, bool) and v is not None and math.isfinite(v)}
 
 
+def outcome(trial) -> str:
+    """How an ended trial ended: only a trial that ran to its end sent the final test report."""
+    return "completed" if "test_loss" in (trial.last_result or {}) else "stopped_early"
+
+
 class MlflowCallback(tune.Callback):
     """Logs every trial as a child run of the sweep's parent run; restarts replace, never duplicate."""
 
@@ -131,8 +136,7 @@ class MlflowCallback(tune.Callback):
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:
             return
-        finished = "test_loss" in (trial.last_result or {})
-        self.client.set_tag(run_id, TAG + "outcome", "completed" if finished else "stopped_early")
+        self.client.set_tag(run_id, TAG + "outcome", outcome(trial))
         self._log_artifacts(run_id, trial)
         self.client.set_terminated(run_id, "FINISHED")
 
