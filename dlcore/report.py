@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from . import plots
-from .tracking import TAG
+from .tracking import TAG, metric_history
 
 
 @dataclass
@@ -69,10 +69,10 @@ class Cell:
 SEARCH_KEYS = ("lr", "weight_decay", "encoder_lr", "batch_size", "head_hidden")
 
 
-def select(trials: list[Trial], mode: str = "max", search_keys: tuple = SEARCH_KEYS) -> list[Cell]:
-    """Per (arm, labels, steps): each seed's best completed trial by validation, then over seeds."""
+def select(chosen: list[Trial], mode: str = "max", search_keys: tuple = SEARCH_KEYS) -> list[Cell]:
+    """Per (arm, labels, steps), over seeds, from each seed's selected trial (``selected_trials``)."""
     groups: dict[tuple, list[Trial]] = defaultdict(list)
-    for t in sorted(selected_trials(trials, mode), key=lambda t: (t.arm, t.labels, t.steps, t.seed)):
+    for t in sorted(chosen, key=lambda t: (t.arm, t.labels, t.steps, t.seed)):
         groups[(t.arm, t.labels, t.steps)].append(t)
     cells = []
     for (arm, labels, steps), ts in sorted(groups.items()):
@@ -153,7 +153,7 @@ def read_trials(client: MlflowClient, experiment_id: str, parent: str, metric: s
             continue
         outcome = tags.get(TAG + "outcome") or ("failed" if r.info.status == "FAILED" else "running")
         val = m.get(f"best_{metric}", m.get(metric))
-        curve = [(h.step, h.value) for h in client.get_metric_history(r.info.run_id, "val_acc")]
+        curve = metric_history(client, r.info.run_id, ("val_acc",))["val_acc"]
         trials.append(Trial(r.info.run_id, tags[TAG + "arm"], tags[TAG + "labels"], int(m.get("train_size", 0)) or _count(tags),
                             int(tags[TAG + "steps"]), int(tags[TAG + "seed"]), outcome, val, m.get("test_acc"),
                             dict(r.data.params), curve))
@@ -284,11 +284,6 @@ def efficiency_phrase(e: dict) -> str:
     return f"scratch needs ~{e['baseline_labels']:,.0f} labels ({e['ratio']:.1f}x)"
 
 
-def _history(client: MlflowClient, run_id: str) -> dict:
-    return {k: [(h.step, h.value) for h in client.get_metric_history(run_id, k)]
-            for k in ("train_loss", "val_loss", "train_acc", "val_acc", "val_knn_acc")}
-
-
 def curve_trials(chosen: list[Trial], cells: list[str] | None) -> list[Trial]:
     """Trials whose loss curves to draw: for each ``arm/labels=N`` asked for (default: every arm at
     its smallest budget), the selected trial of the lowest seed."""
@@ -325,7 +320,8 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
         target = target if target is not None else spec.target
     out.mkdir(parents=True, exist_ok=True)
     trials, _ = read_trials(client, exp.experiment_id, parent, metric)
-    cells = select(trials, mode, searched)
+    chosen = selected_trials(trials, mode)
+    cells = select(chosen, mode, searched)
     arms = sorted({t.arm for t in trials})
     colors = plots.arm_colors(arms)
     figures: list[tuple[str, str]] = []  # (file, caption)
@@ -333,7 +329,6 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
     if cells:
         plots.save(fig_accuracy_vs_labels(cells, colors, f"{experiment}: test accuracy vs labels"), out / "accuracy_vs_labels.png", svg=True)
         figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget: {_ci_caption(cells)}."))
-    chosen = selected_trials(trials, mode)
     if any(t.curve for t in chosen):
         plots.save(fig_accuracy_vs_steps(chosen, colors, f"{experiment}: validation accuracy during fine-tuning", target),
                    out / "accuracy_vs_steps.png", svg=True)
@@ -342,14 +337,14 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
         for t in curve_trials(chosen, curves):
             name = f"loss_curves_{t.arm}_{t.labels}.png"
             title = f"{t.arm}, {t.labels} labels, {t.steps} steps, seed {t.seed}"
-            plots.save(plots.loss_curves(_history(client, t.run_id), title), out / name, svg=True)
+            plots.save(plots.loss_curves(metric_history(client, t.run_id), title), out / name, svg=True)
             figures.append((name, f"Train and validation loss and accuracy: {title}."))
 
     stages = stage_runs(client, exp.experiment_id)
     grids, losses = {}, {}
     for stage, run in sorted(stages.items()):
         name = f"loss_curves_{stage}.png"
-        plots.save(plots.loss_curves(_history(client, run.info.run_id), f"pretraining stage {stage}"), out / name, svg=True)
+        plots.save(plots.loss_curves(metric_history(client, run.info.run_id), f"pretraining stage {stage}"), out / name, svg=True)
         figures.append((name, f"Train and validation loss of pretraining stage {stage} per evaluation."))
         with tempfile.TemporaryDirectory() as tmp:
             try:

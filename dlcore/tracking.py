@@ -76,6 +76,14 @@ def numeric_metrics(result: dict) -> dict:
             and not isinstance(v, bool) and v is not None and math.isfinite(v)}
 
 
+CURVE_METRICS = ("train_loss", "val_loss", "train_acc", "val_acc", "val_knn_acc")
+
+
+def metric_history(client: MlflowClient, run_id: str, keys=CURVE_METRICS) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value)] of one run, as the loss-curve plot takes it."""
+    return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
 def outcome(trial) -> str:
     """How an ended trial ended: only a trial that ran to its end sent the final test report."""
     return "completed" if "test_loss" in (trial.last_result or {}) else "stopped_early"
@@ -155,8 +163,7 @@ class MlflowCallback(tune.Callback):
         if ckpt is not None and Path(ckpt.path).is_dir():
             self.client.log_artifacts(run_id, ckpt.path, "checkpoint")
         with tempfile.TemporaryDirectory() as tmp:
-            history = {k: [(m.step, m.value) for m in self.client.get_metric_history(run_id, k)]
-                       for k in ("train_loss", "val_loss", "train_acc", "val_acc", "val_knn_acc")}
+            history = metric_history(self.client, run_id)
             title = trial.config["job"]["tags"].get("cell") or trial.config["job"]["tags"]["stage"]
             plots.save(plots.loss_curves(history, title), Path(tmp) / "loss_curves.png")
             samples = Path(ckpt.path) / "samples.pt" if ckpt is not None else None

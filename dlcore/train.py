@@ -12,7 +12,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -203,6 +203,10 @@ class Batcher:
             x = D.normalize(x, self.ds.mean, self.ds.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def plain(self, images: Tensor) -> Tensor:
+        """Un-augmented, noise-free model input."""
+        return self._finish(D.to_float(images))
+
     def inputs(self, images: Tensor, g: torch.Generator, train: bool) -> tuple:
         """(input, target) for autoencoders, (view1, view2) for SSL, (input,) otherwise."""
         x = D.to_float(images)  # (B, C, H, W) in [0, 1]
@@ -262,15 +266,12 @@ def knn_accuracy(model, batcher: Batcher, ds: D.Dataset, split: Split, cfg: Trai
     """Cosine k-NN accuracy of encoder features (val against ``cfg.knn_bank`` pool images): a label-free
     pretraining monitor that tracks downstream accuracy better than the SSL loss does."""
     model.eval()
-    cfg_plain = TrainConfig(**{**asdict(cfg), "objective": "classify", "metric": "val_acc"})
-    plain = Batcher(ds, cfg_plain, batcher.device)
-    g = torch.Generator(device=ds.x_train.device).manual_seed(0)
 
     def features(idx: Tensor) -> Tensor:
         out = []
         for chunk in idx.split(cfg.eval_batch_size):
             with autocast():
-                out.append(F.normalize(model.encoder(plain.inputs(ds.x_train[chunk], g, False)[0]).float(), dim=1))
+                out.append(F.normalize(model.encoder(batcher.plain(ds.x_train[chunk])).float(), dim=1))
         return torch.cat(out)
 
     bank_idx = split.pool[: cfg.knn_bank]
