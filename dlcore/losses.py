@@ -34,14 +34,17 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
 
 
 def _standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
-    return (z - z.mean(0)) / (z.std(0) + eps)
+    """Per-dimension batch standardisation of z (N, D), as the reference's BatchNorm1d(affine=False) in
+    training mode: biased variance, eps inside the square root."""
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
 
 
 def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 5e-3) -> Tensor:
-    """Barlow Twins (Zbontar et al. 2021).
+    """Barlow Twins (Zbontar et al. 2021; facebookresearch/barlowtwins ``main.py``).
 
-    z1, z2: (N, D). C = z1n^T z2n / N is the (D, D) cross-correlation of the batch-standardised
-    embeddings; loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2.
+    z1, z2: (N, D). C = bn(z1)^T bn(z2) / N is the (D, D) cross-correlation of the embeddings, each
+    view standardised over the batch as BatchNorm1d(D, affine=False) does (eps 1e-5);
+    loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2.
     """
     n = len(z1)
     c = _standardize(z1).T @ _standardize(z2) / n  # (D, D)

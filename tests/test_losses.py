@@ -22,9 +22,10 @@ def nt_xent_reference(z1, z2, t):
 
 
 def barlow_reference(z1, z2, lambd):
+    """Loop form with the biased batch variance and eps inside the root, as BatchNorm1d standardises."""
     n, d = z1.shape
-    a = (z1 - z1.mean(0)) / (z1.std(0) + 1e-5)
-    b = (z2 - z2.mean(0)) / (z2.std(0) + 1e-5)
+    a = (z1 - z1.mean(0)) / ((z1 - z1.mean(0)).pow(2).mean(0) + 1e-5).sqrt()
+    b = (z2 - z2.mean(0)) / ((z2 - z2.mean(0)).pow(2).mean(0) + 1e-5).sqrt()
     total = 0.0
     for i in range(d):
         for j in range(d):
@@ -63,6 +64,24 @@ def test_nt_xent_is_symmetric_and_low_for_matching_views(views):
 def test_barlow_matches_loop_reference(views, lambd):
     z1, z2 = views
     assert losses.barlow_twins(z1, z2, lambd).item() == pytest.approx(barlow_reference(z1, z2, lambd), rel=1e-9)
+
+
+def barlow_batchnorm_reference(z1, z2, lambd):
+    """facebookresearch/barlowtwins: c = bn(z1).T @ bn(z2) / N with BatchNorm1d(D, affine=False) in training mode."""
+    n, d = z1.shape
+    bn = torch.nn.BatchNorm1d(d, affine=False, dtype=z1.dtype).train()
+    c = bn(z1).T @ bn(z2) / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # small spreads: where eps placement and the biased variance matter
+def test_barlow_matches_batchnorm_reference_at_batch_8(scale):
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = scale * torch.randn(8, 16, generator=g), scale * torch.randn(8, 16, generator=g)
+    expected = barlow_batchnorm_reference(z1, z2, 5e-3).item()
+    assert losses.barlow_twins(z1, z2, 5e-3).item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
 def test_barlow_is_symmetric(views):
