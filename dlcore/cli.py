@@ -136,25 +136,52 @@ def report(
 def _print_report(result: dict, name: str) -> None:
     from . import report as R
 
-    target = result["target"]
+    from rich import box
+
+    def table(title: str, *cols: str) -> Table:
+        t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in cols:  # numbers never wrap; a long arm name folds
+            t.add_column(col, justify="left" if col == "arm" else "right", no_wrap=col != "arm", overflow="fold")
+        return t
+
     rows = result["rows"]
     if rows:
-        t = Table(title=f"{name}: test accuracy of the validation-selected trials")
-        for col in ("arm", "labels", "steps", "seeds", "test acc (95% CI)") + (("steps to target",) if target else ()):
-            t.add_column(col, justify="right" if col != "arm" else "left")
+        t = table(f"{name}: test metrics of the validation-selected trials (mean ± 95% CI over seeds)",
+                  "arm", "labels (total)", "steps", "seeds", "test acc", "test loss")
         for r in rows:
-            ci = f" ± {r['test_acc_ci95']:.2%}" if r["test_acc_ci95"] is not None else ""
-            extra = ((str(r["steps_to_target"] or "-") + f" ({r['reached_target']})"),) if target else ()
-            t.add_row(r["arm"], str(r["labels"]), str(r["steps"]), str(r["seeds"]), f"{r['test_acc_mean']:.2%}{ci}", *extra)
+            total = f" ({r['labels_total']:,})" if r["labels_total"] is not None else ""
+            t.add_row(r["arm"], f"{r['labels']:,}{total}", str(r["steps"]), str(r["seeds"]),
+                      R.ci_text(r["test_acc_mean"], r["test_acc_ci95"], ".2%"), R.ci_text(r["test_loss_mean"], r["test_loss_ci95"], ".4f"))
         console.print(t)
     elif result["finetuned"]:
         console.print("no completed fine-tune trials yet")
+    if rows and result["target"] is not None:
+        t = table(f"steps to {result['target']:.0%} validation accuracy: median over seeds", "arm", "labels", "steps",
+                  "median (95% CI)", "reached")
+        for r in rows:
+            ci = f" ({r['steps_to_target_ci95']})" if r["steps_to_target_ci95"] else ""
+            t.add_row(r["arm"], f"{r['labels']:,}", str(r["steps"]), (r["steps_to_target"] or "-") + ci, r["reached_target"])
+        console.print(t)
+    if result["paired"]:
+        t = table("arm minus scratch, paired by seed (mean ± 95% CI)", "arm", "labels", "steps", "pairs", "Δ test acc",
+                  "Δ test loss")
+        for p in result["paired"]:
+            t.add_row(p["arm"], f"{p['labels']:,}", str(p["steps"]), str(p["acc"].n), R.diff_text(p["acc"], "acc"),
+                      R.diff_text(p["loss"], "loss"))
+        console.print(t)
     for stage, loss in sorted(result["stage_losses"].items()):
         if loss is not None:
             console.print(f"pretraining stage {stage}: test loss {loss:.4f}", highlight=False)
     for e in result["efficiency"]:
-        console.print(f"{e['arm']} with {e['labels']} labels ({e['accuracy']:.2%}, {e['steps']} steps): {R.efficiency_phrase(e)}",
-                      highlight=False)
+        need, ratio = R.efficiency_text(e)
+        console.print(f"{e['arm']} with {e['labels']} labels ({e['accuracy']:.2%}, {e['steps']} steps): "
+                      f"scratch needs {need} labels: {ratio}", highlight=False, soft_wrap=True)
+    for stage, counts in sorted(result["outcomes"].items(), key=lambda kv: (kv[0] != "finetune", kv[0])):
+        console.print(f"trials of {stage}: " + ", ".join(f"{counts[o]} {o.replace('_', ' ')}" for o in R.OUTCOMES if counts[o]),
+                      highlight=False, soft_wrap=True)
+    for reason in sorted(set(result["blocked"].values())):
+        n = sum(r == reason for r in result["blocked"].values())
+        console.print(f"{n} cell(s) {reason}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if result["missing"]:
         console.print(f"[yellow]partial sweep: {len(result['missing'])} grid cell(s) not finished yet[/]")
     console.print(f"report: {result['out'] / 'report.md'} ({len(result['figures'])} figures); "

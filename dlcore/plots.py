@@ -8,7 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from . import stats  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
                      "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 110})
@@ -41,26 +44,132 @@ def save(fig, path: Path, svg: bool = False) -> list[Path]:
     return out
 
 
+def legend_outside(fig, axes) -> None:
+    """One legend for every panel, right of them: it never covers a curve or the title, and grows
+    downwards one entry per line however many arms there are. Call after ``tight_layout``."""
+    entries = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
 def loss_curves(history: dict[str, list[tuple[int, float]]], title: str = ""):
-    """history: metric name -> [(step, value)]; losses on the left axis, accuracies on the right."""
-    fig, ax = plt.subplots(1, 2 if any(k.endswith("acc") for k in history) else 1, figsize=(9, 3.4), squeeze=False)
+    """history: metric name -> [(step, value)]; a loss panel and an accuracy panel, each only when
+    something was logged for it (an autoencoder gets the loss panel alone). Test metrics logged at
+    several steps are drawn too and labelled as never used for selection; a single final test value
+    is not a curve."""
+    series = {name: sorted(points) for name, points in history.items()
+              if points and name.endswith(("_loss", "_acc")) and not name.startswith("best_")
+              and (not name.startswith("test_") or len(points) > 1)}
+    kinds = [k for k in ("loss", "acc") if any(name.endswith("_" + k) for name in series)] or ["loss"]
+    fig, ax = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds) + 0.5, 3.4), squeeze=False)
     styles = {"train": "-", "val": "--", "test": ":"}
-    for name, points in sorted(history.items()):
-        if not points or not name.endswith(("_loss", "_acc")) or name.startswith(("best_", "test_")):
-            continue
-        steps, values = zip(*sorted(points))
-        col = 1 if name.endswith("acc") else 0
-        ax[0, col].plot(steps, values, styles.get(name.split("_")[0], "-"), marker="o", ms=3, label=name.replace("_", " "))
-    for a, label in zip(ax[0], ["loss", "accuracy"]):
+    order = lambda name: (list(styles).index(name.split("_")[0]) if name.split("_")[0] in styles else 3, name)
+    for name, points in sorted(series.items(), key=lambda kv: order(kv[0])):  # train, val, test in each panel
+        steps, values = zip(*points)
+        split = name.split("_")[0]
+        label = name.replace("_", " ") + (" (never used for selection)" if split == "test" else "")
+        color = {"train": "C0", "val": "C1", "test": "C2"}.get(split, "C3") if name.count("_") == 1 else "C3"  # same split, same colour
+        ax[0, kinds.index(name.rsplit("_", 1)[1])].plot(steps, values, styles.get(split, "-"), color=color, marker="o", ms=3,
+                                                        label=label)
+    for a, kind in zip(ax[0], kinds):
         a.set_xlabel("optimizer step")
-        a.set_ylabel(label)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(frameon=False)
+        a.set_ylabel({"loss": "loss", "acc": "accuracy"}[kind])
         a.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    legend_outside(fig, ax)
     return fig
+
+
+def ci_caption(seed_counts: list[int], what: str = "point") -> str:
+    """What a band means, given how many seeds each point has; with one seed, that there is none."""
+    seeds = sorted(set(seed_counts))
+    if seeds == [1]:
+        return f"one seed per {what}: no confidence band"
+    caption = f"mean over {seeds[0]}-{seeds[-1]} seeds" if len(seeds) > 1 else f"mean over {seeds[0]} seeds"
+    return caption + "; band: 95% Student-t CI" + (f" (none where a {what} has one seed)" if seeds[0] == 1 else "")
+
+
+def accuracy_vs_labels(cells: list, colors: dict, title: str):
+    """Mean test accuracy of each arm vs label budget, one panel per step budget; ``cells`` as ``report.Cell``."""
+    steps_values = sorted({c.steps for c in cells})
+    fig, axes = plt.subplots(1, len(steps_values), figsize=(5.2 * len(steps_values), 3.8), squeeze=False, sharey=True)
+    for ax, steps in zip(axes[0], steps_values):
+        for arm in sorted({c.arm for c in cells}):
+            cs = sorted((c for c in cells if c.arm == arm and c.steps == steps), key=lambda c: c.labels)
+            if not cs:
+                continue
+            x = np.array([c.labels for c in cs])
+            y = np.array([c.mean for c in cs]) * 100
+            hw = np.array([c.half_width for c in cs]) * 100
+            ax.plot(x, y, "-o", color=colors[arm], label=arm, ms=4)
+            if np.isfinite(hw).any():
+                ax.fill_between(x, y - np.nan_to_num(hw), y + np.nan_to_num(hw), color=colors[arm], alpha=0.18, lw=0)
+        ax.set_xscale("log")
+        budgets = sorted({c.labels for c in cells if c.steps == steps})
+        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training images (log scale)")
+        ax.set_title(f"{steps:,} fine-tune steps" if len(steps_values) > 1 else "")
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    fig.suptitle(title)
+    fig.text(0.5, -0.02, ci_caption([c.n for c in cells]) + "; each seed's hyperparameters selected on validation",
+             ha="center", fontsize=8, color="#444444")
+    fig.tight_layout()
+    legend_outside(fig, axes)
+    return fig
+
+
+def accuracy_vs_steps(selected: list, colors: dict, title: str, target: float | None):
+    """One panel per (label budget, step budget); in each, the mean validation curve of each arm over
+    its seeds' selected trials (``selected``: ``report.Trial``s), with the target line."""
+    panels = sorted({(t.steps, t.labels) for t in selected if t.curve})
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    for ax, (steps, labels) in zip(axes.flat, panels):
+        for arm in sorted({t.arm for t in selected}):
+            curves = [dict(t.curve) for t in selected if (t.arm, t.labels, t.steps) == (arm, labels, steps) and t.curve]
+            if not curves:
+                continue
+            xs = sorted(set.intersection(*(set(c) for c in curves)))
+            y = np.array([[c[s] for s in xs] for c in curves]) * 100  # (seeds, evaluations)
+            mean, half = np.array([stats.mean_ci(col) for col in y.T]).T
+            ax.plot(xs, mean, color=colors[arm], label=arm)
+            if len(curves) > 1:
+                ax.fill_between(xs, mean - half, mean + half, color=colors[arm], alpha=0.18, lw=0)
+        if target is not None:
+            ax.axhline(target * 100, color="#555555", ls=":", lw=1.2, label=f"target {target:.0%}")
+        ax.set_title(f"{labels:,} labels, {steps:,} steps")
+        ax.set_xlim(0, steps)
+        ax.set_xlabel("fine-tune step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation accuracy (%)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    legend_outside(fig, axes)
+    return fig
+
+
+def reconstructions(grids: dict[str, dict], losses: dict[str, float]):
+    """Side-by-side blocks, one per stage: E2 autoencoder vs classifier decoder, E5 L1 vs L2."""
+    rows = {}
+    first = next(iter(grids.values()))
+    rows["test images"] = first["clean"]
+    for stage, samples in grids.items():
+        if not torch.equal(samples["input"], samples["clean"]) and "noisy input" not in rows:
+            rows["noisy input"] = samples["input"]
+        loss = f" (test loss {losses[stage]:.4f})" if stage in losses else ""
+        rows[f"{stage}{loss}"] = samples["output"]
+    return image_grid(rows, n=64)
 
 
 def image_grid(rows: dict[str, torch.Tensor], n: int = 64, per_row: int = 16, title: str = ""):

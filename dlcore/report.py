@@ -1,17 +1,19 @@
 """Data-efficiency report of a sweep, read back from MLflow (local sqlite or a server).
 
 Selection is on validation only: in each (arm, labels, steps, seed) cell the completed trial with
-the best validation metric is kept, and its test accuracy is what the curves show. Bands are 95%
-Student-t confidence intervals of the mean over seeds.
+the best validation metric is kept, and its test metrics are what the tables and curves show.
+Means carry 95% Student-t intervals over seeds; arms are compared by pairing seeds (a seed fixes
+the label subset); derived quantities (label-efficiency ratio, steps to a target) carry percentile
+bootstrap intervals over seeds and say when they are only bounds (see ``stats``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
+import shutil
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +21,13 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
-from scipy import stats
 
-from . import plots
-from .tracking import TAG, metric_history
+from . import plots, stats
+from .tracking import CURVE_METRICS, TAG, metric_history
+
+OUTCOMES = ("completed", "stopped_early", "diverged", "failed", "interrupted")  # in the order the report lists them
+TEST_CURVES = ("test_loss", "test_acc")  # drawn when logged at several steps; never used for selection
+BASELINE = "scratch"
 
 
 @dataclass
@@ -35,55 +40,64 @@ class Trial:
     labels: int  # labelled images it trained on
     steps: int
     seed: int
-    outcome: str  # completed | stopped_early | failed | running
+    outcome: str  # one of OUTCOMES
     val: float | None  # best validation metric
     test_acc: float | None
+    test_loss: float | None = None
+    labels_val: int | None = None  # labelled validation images it was selected on, when known
     params: dict = field(default_factory=dict)
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val_acc)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val_acc); read for selected trials only
+
+    @property
+    def labels_total(self) -> int | None:
+        return None if self.labels_val is None else self.labels + self.labels_val
 
 
 @dataclass
 class Cell:
+    """One (arm, labels, steps) point: each seed's selected trial."""
+
     arm: str
     labels: int
     steps: int
-    accs: list[float]  # test accuracy of each seed's selected trial
-    best_params: dict
+    trials: list[Trial]  # in seed order
 
     @property
     def n(self) -> int:
-        return len(self.accs)
+        return len(self.trials)
+
+    @property
+    def accs(self) -> list[float]:
+        return [t.test_acc for t in self.trials]
+
+    @property
+    def losses(self) -> list[float]:
+        return [t.test_loss for t in self.trials if t.test_loss is not None]
 
     @property
     def mean(self) -> float:
-        return float(np.mean(self.accs))
+        return stats.mean_ci(self.accs)[0]
 
     @property
     def half_width(self) -> float:
-        """Half-width of the 95% Student-t interval of the mean; nan with a single seed."""
-        if self.n < 2:
-            return float("nan")
-        return float(stats.t.ppf(0.975, self.n - 1) * np.std(self.accs, ddof=1) / math.sqrt(self.n))
+        """Half-width of the 95% Student-t interval of the mean test accuracy; nan with a single seed."""
+        return stats.mean_ci(self.accs)[1]
+
+    def by_seed(self, metric: str) -> dict[int, float]:
+        return {t.seed: getattr(t, metric) for t in self.trials if getattr(t, metric) is not None}
+
+    @property
+    def labels_total(self) -> int | None:
+        totals = {t.labels_total for t in self.trials}
+        return totals.pop() if len(totals) == 1 else None
 
 
 SEARCH_KEYS = ("lr", "weight_decay", "encoder_lr", "batch_size", "head_hidden")
 
 
-def select(chosen: list[Trial], mode: str = "max", search_keys: tuple = SEARCH_KEYS) -> list[Cell]:
-    """Per (arm, labels, steps), over seeds, from each seed's selected trial (``selected_trials``)."""
-    groups: dict[tuple, list[Trial]] = defaultdict(list)
-    for t in sorted(chosen, key=lambda t: (t.arm, t.labels, t.steps, t.seed)):
-        groups[(t.arm, t.labels, t.steps)].append(t)
-    cells = []
-    for (arm, labels, steps), ts in sorted(groups.items()):
-        top = max(ts, key=lambda t: t.val) if mode == "max" else min(ts, key=lambda t: t.val)
-        params = {k: top.params[k] for k in search_keys if k in top.params}
-        cells.append(Cell(arm, labels, steps, [t.test_acc for t in ts], params))
-    return cells
-
-
 def selected_trials(trials: list[Trial], mode: str) -> list[Trial]:
-    """The completed trial with the best validation metric in each (arm, labels, steps, seed) cell."""
+    """The completed trial with the best validation metric in each (arm, labels, steps, seed) cell;
+    stopped, diverged, failed and interrupted trials never compete."""
     best: dict[tuple, Trial] = {}
     for t in trials:
         if t.outcome != "completed" or t.val is None or t.test_acc is None:
@@ -94,43 +108,66 @@ def selected_trials(trials: list[Trial], mode: str) -> list[Trial]:
     return list(best.values())
 
 
-def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
-    """First evaluation step whose validation accuracy reaches ``target``; None if it never does."""
-    for step, acc in sorted(curve):
-        if acc >= target:
-            return step
-    return None
+def select(chosen: list[Trial]) -> list[Cell]:
+    """Per (arm, labels, steps), over seeds, from each seed's selected trial (``selected_trials``)."""
+    groups: dict[tuple, list[Trial]] = defaultdict(list)
+    for t in sorted(chosen, key=lambda t: (t.arm, t.labels, t.steps, t.seed)):
+        groups[(t.arm, t.labels, t.steps)].append(t)
+    return [Cell(arm, labels, steps, ts) for (arm, labels, steps), ts in sorted(groups.items())]
 
 
-def labels_to_match(xs: list[int], ys: list[float], goal: float) -> float:
-    """Labels a curve (ys at label counts xs) needs to reach ``goal``, interpolating linearly in
-    log(labels) between the budgets that bracket it. inf if it never gets there; the smallest
-    budget if it is there from the start."""
-    pts = sorted(zip(xs, ys))
-    if pts[0][1] >= goal:
-        return float(pts[0][0])
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if y0 < goal <= y1:
-            f = (goal - y0) / (y1 - y0)
-            return float(math.exp(math.log(x0) + f * (math.log(x1) - math.log(x0))))
-    return float("inf")
+def _value(v) -> str:
+    try:
+        return f"{float(v):.3g}"
+    except ValueError:
+        return str(v)
 
 
-def label_efficiency(cells: list[Cell], arm: str, baseline: str = "scratch") -> list[dict]:
-    """For each budget of ``arm``: labels the baseline needs for the same mean accuracy, and the ratio."""
+def hyperparameters(cell: Cell, keys: tuple) -> str:
+    """Each seed's chosen values: 's0: lr=0.001; s1: lr=0.003'."""
+    return "; ".join(f"s{t.seed}: " + " ".join(f"{k}={_value(t.params[k])}" for k in sorted(keys) if k in t.params)
+                     for t in cell.trials if any(k in t.params for k in keys))
+
+
+def paired_differences(cells: list[Cell], baseline: str = BASELINE) -> list[dict]:
+    """Each arm minus the baseline at the same labels and steps, paired by seed."""
+    base = {(c.labels, c.steps): c for c in cells if c.arm == baseline}
+    out = []
+    for c in cells:
+        b = base.get((c.labels, c.steps))
+        if c.arm == baseline or b is None:
+            continue
+        acc = stats.paired_diff(c.by_seed("test_acc"), b.by_seed("test_acc"))
+        loss = stats.paired_diff(c.by_seed("test_loss"), b.by_seed("test_loss"))
+        out.append({"arm": c.arm, "labels": c.labels, "steps": c.steps, "acc": acc, "loss": loss})
+    return out
+
+
+def label_efficiency(cells: list[Cell], arm: str, baseline: str = BASELINE) -> list[dict]:
+    """For each budget of ``arm``: labels the baseline needs for the same mean test accuracy, and the
+    ratio to the budget, bootstrapped over the seeds present in every cell involved."""
     out = []
     for steps in sorted({c.steps for c in cells}):
-        base = [c for c in cells if c.arm == baseline and c.steps == steps]
-        mine = [c for c in cells if c.arm == arm and c.steps == steps]
-        if not base or not mine:
-            continue
-        xs, ys = [c.labels for c in base], [c.mean for c in base]
-        for c in sorted(mine, key=lambda c: c.labels):
-            need = labels_to_match(xs, ys, c.mean)
-            out.append({"arm": arm, "steps": steps, "labels": c.labels, "accuracy": c.mean,
-                        "baseline_labels": need, "ratio": need / c.labels,
-                        "lower_bound": need == min(xs) and ys[xs.index(min(xs))] >= c.mean})
+        base = sorted((c for c in cells if c.arm == baseline and c.steps == steps), key=lambda c: c.labels)
+        for c in sorted((c for c in cells if c.arm == arm and c.steps == steps), key=lambda c: c.labels):
+            seeds = sorted(set.intersection(*(set(x.by_seed("test_acc")) for x in [c, *base]))) if base else []
+            if not seeds:
+                continue
+            scratch = np.array([[b.by_seed("test_acc")[s] for b in base] for s in seeds])  # (seeds, budgets)
+            mine = np.array([c.by_seed("test_acc")[s] for s in seeds])  # (seeds,)
+            ratio = stats.label_ratio([b.labels for b in base], scratch, mine, c.labels)
+            out.append({"arm": arm, "steps": steps, "labels": c.labels, "accuracy": float(mine.mean()), "seeds": len(seeds),
+                        "ratio": ratio, "baseline_labels": ratio.point.scaled(c.labels)})
     return out
+
+
+def steps_estimate(cell: Cell, target: float) -> tuple[stats.Estimate, int, int] | None:
+    """Median steps to ``target`` on the validation curves, with its bootstrap interval, and how many
+    of the seeds with a curve reached it."""
+    per_seed = [stats.steps_to_target(t.curve, target, t.steps) for t in cell.trials if t.curve]
+    if not per_seed:
+        return None
+    return stats.steps_summary(per_seed), sum(b.kind != "above" for b in per_seed), len(per_seed)
 
 
 # ---- reading MLflow ----------------------------------------------------------------------
@@ -142,22 +179,46 @@ def latest_parent(client: MlflowClient, experiment_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def read_trials(client: MlflowClient, experiment_id: str, parent: str, metric: str = "val_acc") -> tuple[list[Trial], list]:
-    """Fine-tune trials of one sweep invocation, and its other (pretraining) child runs."""
+def sweep_parent(client: MlflowClient, experiment_id: str, experiment: str, run_id: str | None):
+    """The parent run of a sweep invocation (default: the latest), checked to be one of this experiment."""
+    run_id = run_id or latest_parent(client, experiment_id)
+    if run_id is None:
+        raise ValueError(f"experiment '{experiment}' has no sweep runs yet")
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"run '{run_id}' does not exist in the tracking store") from None
+    if run.info.experiment_id != experiment_id:
+        raise ValueError(f"run '{run_id}' belongs to another experiment, not to '{experiment}'")
+    if run.data.tags.get(TAG + "role") != "sweep":
+        raise ValueError(f"run '{run_id}' is not a sweep's parent run (a trial or stage?); "
+                         f"pass the run tagged {TAG}role=sweep, or no --run for the latest")
+    return run
+
+
+def run_outcome(run) -> str:
+    """The outcome tag; a run without one failed (status FAILED) or was interrupted (still RUNNING, killed)."""
+    return run.data.tags.get(TAG + "outcome") or ("failed" if run.info.status == "FAILED" else "interrupted")
+
+
+def read_trials(client: MlflowClient, experiment_id: str, parent: str, metric: str = "val_acc",
+                val_default: int | None = None) -> tuple[list[Trial], list]:
+    """Fine-tune trials of one sweep invocation, and all its child runs (pretraining stages too).
+
+    A trial's validation labels: its metric ``labels_val`` or ``val_size`` if logged, else ``val_default``.
+    """
     runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000)
-    trials, others = [], []
+    trials = []
     for r in runs:
         tags, m = r.data.tags, r.data.metrics
         if tags.get(TAG + "stage") != "finetune":
-            others.append(r)
             continue
-        outcome = tags.get(TAG + "outcome") or ("failed" if r.info.status == "FAILED" else "running")
-        val = m.get(f"best_{metric}", m.get(metric))
-        curve = metric_history(client, r.info.run_id, ("val_acc",))["val_acc"]
+        val_labels = m.get("labels_val", m.get("val_size"))
         trials.append(Trial(r.info.run_id, tags[TAG + "arm"], tags[TAG + "labels"], int(m.get("train_size", 0)) or _count(tags),
-                            int(tags[TAG + "steps"]), int(tags[TAG + "seed"]), outcome, val, m.get("test_acc"),
-                            dict(r.data.params), curve))
-    return trials, others
+                            int(tags[TAG + "steps"]), int(tags[TAG + "seed"]), run_outcome(r), m.get(f"best_{metric}", m.get(metric)),
+                            m.get("test_acc"), m.get("test_loss"), int(val_labels) if val_labels is not None else val_default,
+                            dict(r.data.params)))
+    return trials, runs
 
 
 def _count(tags: dict) -> int:
@@ -177,92 +238,40 @@ def stage_runs(client: MlflowClient, experiment_id: str) -> dict[str, object]:
     return out
 
 
-# ---- figures -------------------------------------------------------------------------------
+def trial_outcomes(runs: list) -> tuple[dict[str, Counter], list[str]]:
+    """Counts by stage and outcome, and one line per trial that diverged, failed or was interrupted."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    problems = []
+    for r in sorted(runs, key=lambda r: (r.data.tags.get(TAG + "stage", ""), r.data.tags.get(TAG + "cell", ""))):
+        tags, outcome = r.data.tags, run_outcome(r)
+        stage = tags.get(TAG + "stage", "?")
+        counts[stage][outcome] += 1
+        name = tags.get(TAG + "cell") or f"{stage}/seed={tags.get(TAG + 'seed', '?')}"
+        if outcome == "failed":
+            error = (tags.get(TAG + "error") or "").strip().splitlines()
+            problems.append(f"`{name}` failed: {error[-1][:200] if error else 'no error recorded'}")
+        elif outcome == "diverged":
+            step = r.data.metrics.get("diverged_step")
+            problems.append(f"`{name}` diverged" + (f" at step {step:,.0f}" if step is not None else ""))
+        elif outcome == "interrupted":
+            problems.append(f"`{name}` interrupted: no outcome logged (still running, or the sweep was stopped)")
+    return dict(counts), problems
 
 
-def _ci_caption(cells: list[Cell]) -> str:
-    seeds = sorted({c.n for c in cells})
-    if seeds == [1]:
-        return "one seed per point: no confidence band"
-    return f"mean over seeds ({'-'.join(map(str, [seeds[0], seeds[-1]])) if len(seeds) > 1 else seeds[0]}); band: 95% Student-t CI"
+def blocked_cells(parent_run, spec, runs: list, expected: dict[str, str]) -> dict[str, str]:
+    """Cells that never ran because their arm's pretraining stage failed or diverged: cell -> reason.
 
-
-def fig_accuracy_vs_labels(cells: list[Cell], colors: dict, title: str):
-    steps_values = sorted({c.steps for c in cells})
-    fig, axes = plots.plt.subplots(1, len(steps_values), figsize=(5.2 * len(steps_values), 3.8), squeeze=False, sharey=True)
-    for ax, steps in zip(axes[0], steps_values):
-        for arm in sorted({c.arm for c in cells}):
-            cs = sorted((c for c in cells if c.arm == arm and c.steps == steps), key=lambda c: c.labels)
-            if not cs:
-                continue
-            x = np.array([c.labels for c in cs])
-            y = np.array([c.mean for c in cs]) * 100
-            hw = np.array([c.half_width for c in cs]) * 100
-            ax.plot(x, y, "-o", color=colors[arm], label=arm, ms=4)
-            if np.isfinite(hw).any():
-                ax.fill_between(x, y - np.nan_to_num(hw), y + np.nan_to_num(hw), color=colors[arm], alpha=0.18, lw=0)
-        ax.set_xscale("log")
-        budgets = sorted({c.labels for c in cells if c.steps == steps})
-        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
-        ax.minorticks_off()
-        ax.set_xlabel("labelled training images (log scale)")
-        ax.set_title(f"{steps} fine-tune steps" if len(steps_values) > 1 else "")
-        ax.grid(alpha=0.3, which="both")
-    axes[0, 0].set_ylabel("test accuracy (%)")
-    axes[0, -1].legend(frameon=False, loc="lower right")
-    fig.suptitle(title)
-    fig.text(0.5, -0.02, _ci_caption(cells) + "; each seed's hyperparameters selected on validation accuracy",
-             ha="center", fontsize=8, color="#444444")
-    fig.tight_layout()
-    return fig
-
-
-def fig_accuracy_vs_steps(selected: list[Trial], colors: dict, title: str, target: float | None):
-    budgets = sorted({t.labels for t in selected})
-    cols = min(4, len(budgets))
-    rows = -(-len(budgets) // cols)
-    fig, axes = plots.plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
-    for ax, labels in zip(axes.flat, budgets):
-        for arm in sorted({t.arm for t in selected}):
-            curves = [dict(t.curve) for t in selected if t.arm == arm and t.labels == labels and t.curve]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            y = np.array([[c[s] for s in steps] for c in curves]) * 100  # (seeds, steps)
-            ax.plot(steps, y.mean(0), color=colors[arm], label=arm)
-            if len(curves) > 1:
-                hw = stats.t.ppf(0.975, len(curves) - 1) * y.std(0, ddof=1) / math.sqrt(len(curves))
-                ax.fill_between(steps, y.mean(0) - hw, y.mean(0) + hw, color=colors[arm], alpha=0.18, lw=0)
-        if target is not None:
-            ax.axhline(target * 100, color="#999999", ls=":", lw=1)
-        ax.set_title(f"{labels:,} labels")
-        ax.set_xlabel("fine-tune step")
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(budgets):]:
-        ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("validation accuracy (%)")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.legend(handles, names, loc="upper right", ncol=len(names), frameon=False)  # above the panels, never on a curve
-    return fig
-
-
-def fig_reconstructions(grids: dict[str, dict], losses: dict[str, float]):
-    """Side-by-side blocks, one per stage: E2 autoencoder vs classifier decoder, E5 L1 vs L2."""
-    rows = {}
-    first = next(iter(grids.values()))
-    rows["test images"] = first["clean"]
-    for stage, samples in grids.items():
-        if not torch.equal(samples["input"], samples["clean"]) and "noisy input" not in rows:
-            rows["noisy input"] = samples["input"]
-        loss = f" (test loss {losses[stage]:.4f})" if stage in losses else ""
-        rows[f"{stage}{loss}"] = samples["output"]
-    return plots.image_grid(rows, n=64)
-
-
-# ---- the report ------------------------------------------------------------------------------
+    The parent run's tag ``dlsweep.blocked`` is a JSON list of those arms; ``expected`` maps each
+    grid cell to its arm.
+    """
+    reasons = {}
+    for arm in json.loads(parent_run.data.tags.get(TAG + "blocked") or "[]"):
+        arms = spec.finetune.arms if spec is not None and spec.finetune else {}
+        stage = arms[arm].from_ if arm in arms else None
+        ended = {run_outcome(r) for r in runs if stage and r.data.tags.get(TAG + "stage") == stage}
+        how = "diverged" if "diverged" in ended and "failed" not in ended else "failed"
+        reasons[arm] = f"blocked (pretraining stage {stage} {how})" if stage else "blocked (its pretraining stage failed)"
+    return {cell: reasons[arm] for cell, arm in expected.items() if arm in reasons}
 
 
 def sweep_of(client: MlflowClient, parent: str):
@@ -274,14 +283,6 @@ def sweep_of(client: MlflowClient, parent: str):
             return Sweep.model_validate(json.loads(Path(client.download_artifacts(parent, "sweep.json", tmp)).read_text()))
     except (OSError, ValueError, mlflow.exceptions.MlflowException):  # a run from before sweep.json existed
         return None
-
-
-def efficiency_phrase(e: dict) -> str:
-    if math.isinf(e["baseline_labels"]):
-        return "scratch does not reach it at any of its budgets"
-    if e["lower_bound"]:
-        return f"scratch reaches it with its smallest budget ({e['baseline_labels']:,.0f} labels)"
-    return f"scratch needs ~{e['baseline_labels']:,.0f} labels ({e['ratio']:.1f}x)"
 
 
 def curve_trials(chosen: list[Trial], cells: list[str] | None) -> list[Trial]:
@@ -300,51 +301,95 @@ def curve_trials(chosen: list[Trial], cells: list[str] | None) -> list[Trial]:
     return out
 
 
+# ---- the report ------------------------------------------------------------------------------
+
+
 def build(client: MlflowClient, experiment: str, out: Path, parent: str | None = None, target: float | None = None,
           curves: list[str] | None = None) -> dict:
-    """Write figures, tables and report.md for one sweep invocation (default: the latest); returns what was found."""
+    """Write figures, tables and report.md for one sweep invocation (default: the latest) and log them
+    to its parent run; returns what was found.
+
+    Nothing is written before the experiment and run are checked. The folder is built beside ``out``
+    and swapped in whole, so no file of an earlier report survives and a crash leaves the old one.
+    """
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment '{experiment}' in {client.tracking_uri}")
-    parent = parent or latest_parent(client, exp.experiment_id)
-    if parent is None:
-        raise ValueError(f"experiment '{experiment}' has no sweep runs yet")
+    parent_run = sweep_parent(client, exp.experiment_id, experiment, parent)
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "report.md").exists())):
+        raise ValueError(f"{out} exists and is not a report folder (no report.md in it); choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        staging.chmod(0o755)
+        result = _write(client, experiment, exp.experiment_id, parent_run, staging, target, curves)
+        _swap(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    client.log_artifacts(parent_run.info.run_id, str(out), "report")
+    return {**result, "out": out}
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put ``new`` in place of ``out``: the old folder is moved aside, and back if the move fails."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = aside / "report"
+    if out.exists():
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if old.exists():
+            old.rename(out)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run, out: Path, target: float | None,
+           curves: list[str] | None) -> dict:
+    parent = parent_run.info.run_id
     spec = sweep_of(client, parent)
-    expected, metric, mode, searched = None, "val_acc", "max", SEARCH_KEYS
+    expected, metric, mode, searched, val_default = {}, "val_acc", "max", SEARCH_KEYS, None
     if spec is not None:
         from .spec import finetune_cells
 
-        expected = [c.key for c in finetune_cells(spec)]
+        expected = {c.key: c.tags["arm"] for c in finetune_cells(spec)}
         metric, mode = spec.metric, spec.mode
         searched = tuple(spec.finetune.search) if spec.finetune else ()
         target = target if target is not None else spec.target
-    out.mkdir(parents=True, exist_ok=True)
-    trials, _ = read_trials(client, exp.experiment_id, parent, metric)
+        val_default = spec.data.val_size if isinstance(spec.data.val_size, int) else None
+    trials, runs = read_trials(client, experiment_id, parent, metric, val_default)
     chosen = selected_trials(trials, mode)
-    cells = select(chosen, mode, searched)
+    for t in chosen:
+        t.curve = metric_history(client, t.run_id, ("val_acc",))["val_acc"]
+    cells = select(chosen)
     arms = sorted({t.arm for t in trials})
     colors = plots.arm_colors(arms)
     figures: list[tuple[str, str]] = []  # (file, caption)
 
     if cells:
-        plots.save(fig_accuracy_vs_labels(cells, colors, f"{experiment}: test accuracy vs labels"), out / "accuracy_vs_labels.png", svg=True)
-        figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget: {_ci_caption(cells)}."))
+        plots.save(plots.accuracy_vs_labels(cells, colors, f"{experiment}: test accuracy vs labels"), out / "accuracy_vs_labels.png", svg=True)
+        figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget: {plots.ci_caption([c.n for c in cells])}."))
     if any(t.curve for t in chosen):
-        plots.save(fig_accuracy_vs_steps(chosen, colors, f"{experiment}: validation accuracy during fine-tuning", target),
+        plots.save(plots.accuracy_vs_steps(chosen, colors, f"{experiment}: validation accuracy during fine-tuning", target),
                    out / "accuracy_vs_steps.png", svg=True)
-        figures.append(("accuracy_vs_steps.png", "Validation accuracy vs fine-tune step per budget (selected trials; "
-                        "band: 95% Student-t CI over seeds)" + (f"; dotted: target {target:.0%}." if target else ".")))
+        figures.append(("accuracy_vs_steps.png", "Validation accuracy vs fine-tune step, one panel per label and step "
+                        f"budget (selected trials; {plots.ci_caption([c.n for c in cells], 'curve')})"
+                        + (f"; dotted: target {target:.0%}." if target else ".")))
         for t in curve_trials(chosen, curves):
             name = f"loss_curves_{t.arm}_{t.labels}.png"
             title = f"{t.arm}, {t.labels} labels, {t.steps} steps, seed {t.seed}"
-            plots.save(plots.loss_curves(metric_history(client, t.run_id), title), out / name, svg=True)
+            plots.save(plots.loss_curves(metric_history(client, t.run_id, CURVE_METRICS + TEST_CURVES), title), out / name, svg=True)
             figures.append((name, f"Train and validation loss and accuracy: {title}."))
 
-    stages = stage_runs(client, exp.experiment_id)
+    stages = stage_runs(client, experiment_id)
     grids, losses = {}, {}
     for stage, run in sorted(stages.items()):
         name = f"loss_curves_{stage}.png"
-        plots.save(plots.loss_curves(metric_history(client, run.info.run_id), f"pretraining stage {stage}"), out / name, svg=True)
+        history = metric_history(client, run.info.run_id, CURVE_METRICS + TEST_CURVES)
+        plots.save(plots.loss_curves(history, f"pretraining stage {stage}"), out / name, svg=True)
         figures.append((name, f"Train and validation loss of pretraining stage {stage} per evaluation."))
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -354,66 +399,118 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
             grids[stage] = torch.load(path, weights_only=True)
         losses[stage] = run.data.metrics.get("test_loss")
     if grids:
-        plots.save(fig_reconstructions(grids, {k: v for k, v in losses.items() if v is not None}), out / "reconstructions.png", svg=True)
+        plots.save(plots.reconstructions(grids, {k: v for k, v in losses.items() if v is not None}), out / "reconstructions.png", svg=True)
         figures.append(("reconstructions.png", "Test images and their reconstructions by each autoencoder stage "
                         "(64 images; first rows: clean and, for denoising stages, noisy input)."))
 
-    rows = summary_rows(cells, chosen, target)
-    efficiency = [e for arm in arms if arm != "scratch" and "scratch" in arms for e in label_efficiency(cells, arm)]
+    rows = summary_rows(cells, target, searched)
+    paired = paired_differences(cells)
+    efficiency = [e for arm in arms if arm != BASELINE and BASELINE in arms for e in label_efficiency(cells, arm)]
+    counts, problems = trial_outcomes(runs)
+    blocked = blocked_cells(parent_run, spec, runs, expected)
+    present = {f"{t.arm}/labels={t.budget}/steps={t.steps}/seed={t.seed}" for t in trials if t.outcome == "completed"}
+    missing = sorted(set(expected) - present - set(blocked))
     _write_csv(out / "summary.csv", rows)
     table_md = _markdown(rows)
-    eff_md = _efficiency_markdown(efficiency)
-    present = {f"{t.arm}/labels={t.budget}/steps={t.steps}/seed={t.seed}" for t in trials if t.outcome == "completed"}
-    missing = sorted(set(expected or []) - present)
-    failed = [t for t in trials if t.outcome == "failed"]
-    running = [t for t in trials if t.outcome == "running"]
     (out / "summary.md").write_text(table_md)
-    notes = []
-    if missing:
-        notes.append(f"**Partial sweep:** {len(missing)} grid cell(s) have no completed trial yet: " + ", ".join(missing[:20])
-                     + (" ..." if len(missing) > 20 else ""))
-    if failed:
-        notes.append(f"{len(failed)} trial(s) failed and are left out.")
-    if running:
-        notes.append(f"{len(running)} trial(s) still running or interrupted are left out.")
+
     finetuned = spec is None or spec.finetune is not None
-    intro = (f"Hyperparameters are selected per cell and seed on the validation split ({metric}); the numbers below "
-             "are test accuracy of the selected checkpoints." if finetuned else
-             "A pretraining-only sweep: each stage keeps its best checkpoint by validation loss; test losses below.")
     md = [f"# {experiment}: {'data-efficiency report' if finetuned else 'pretraining report'}", "",
-          f"Sweep run `{parent}` in `{client.tracking_uri}`. {intro}", ""]
-    md += [n + "\n" for n in notes]
+          f"Experiment `{experiment}`, sweep run `{parent}`.", ""]
+    md += [protocol(spec, trials), ""] if finetuned else [
+        "A pretraining-only sweep: each stage keeps its best checkpoint by validation loss; test losses below.", ""]
+    if missing:
+        md += [f"**Partial sweep:** {len(missing)} grid cell(s) have no completed trial yet: " + ", ".join(missing[:20])
+               + (" ..." if len(missing) > 20 else ""), ""]
+    for reason in sorted(set(blocked.values())):
+        cells_blocked = sorted(c for c, r in blocked.items() if r == reason)
+        md += [f"**{len(cells_blocked)} cell(s) {reason}:** " + ", ".join(cells_blocked[:20])
+               + (" ..." if len(cells_blocked) > 20 else ""), ""]
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     if finetuned:
-        md += ["## Summary per cell", "", table_md, ""]
+        md += ["## Summary per cell", "", "Test accuracy and test loss of each seed's selected trial: mean ± half-width "
+               "of the 95% Student-t interval over seeds (no interval with one seed). Steps to target: median over seeds "
+               "of the step at which the validation accuracy reached it (linear between the two evaluations that bracket "
+               "it), 95% percentile-bootstrap interval over seeds; a seed that never reached it counts as 'not within' its "
+               "step budget, not as missing.", "", table_md, ""]
+    if paired:
+        md += ["## Pretrained minus scratch, paired by seed", "", "Same labels, steps and seed (hence the same labelled "
+               "images): mean of the per-seed differences ± half-width of its 95% Student-t interval.", "",
+               _paired_markdown(paired), ""]
     if efficiency:
-        md += ["## Label efficiency", "", "Labels the scratch arm needs to match each pretrained budget's mean test accuracy "
-               "(linear interpolation in log(labels) between the scratch budgets; 'more than it has' when scratch does "
-               "not get there at its largest budget).", "", eff_md, ""]
+        md += ["## Label efficiency", "", "Labels the scratch arm needs to match each pretrained budget's mean test "
+               "accuracy (linear interpolation in log(labels) between the scratch budgets), as a multiple of that budget; "
+               "95% percentile-bootstrap interval over seeds (10,000 resamples of the seeds, both arms resampled together). "
+               "'> N' means scratch does not get there within its largest budget, '≤ N' that its smallest budget already does. "
+               "With few seeds a percentile bootstrap understates the uncertainty (3 seeds give 10 distinct resamples).",
+               "", _efficiency_markdown(efficiency), ""]
     if losses:
         md += ["## Pretraining stages", "", "| stage | test loss |", "| --- | --- |"]
         md += [f"| {s} | {v:.4f} |" for s, v in sorted(losses.items()) if v is not None]
         md.append("")
+    md += ["## Trials", "", _trials_markdown(counts, problems), ""]
     (out / "report.md").write_text("\n".join(md))
-    client.log_artifacts(parent, str(out), "report")
-    return {"parent": parent, "cells": cells, "rows": rows, "efficiency": efficiency, "missing": missing,
-            "failed": len(failed), "figures": [f for f, _ in figures], "out": out, "target": target,
-            "finetuned": finetuned, "stage_losses": losses}
+    return {"parent": parent, "cells": cells, "rows": rows, "paired": paired, "efficiency": efficiency, "missing": missing,
+            "blocked": blocked, "outcomes": counts, "problems": problems, "failed": counts.get("finetune", Counter())["failed"],
+            "figures": [f for f, _ in figures], "target": target, "finetuned": finetuned, "stage_losses": losses}
 
 
-def summary_rows(cells: list[Cell], chosen: list[Trial], target: float | None) -> list[dict]:
+def protocol(spec, trials: list[Trial]) -> str:
+    """The paragraph a reader needs before any number: validation, selection, search, seeds, labels, test."""
+    if spec is None:
+        return ("**Protocol.** The sweep's spec (sweep.json) is missing from its parent run, so its validation and "
+                "search cannot be stated; numbers are test metrics of the trial selected on validation per cell and seed.")
+    ft, d = spec.finetune, spec.data
+    logged = sorted({t.labels_val for t in trials if t.labels_val is not None})
+    if len(logged) == 1:
+        val = f"{logged[0]:,} labelled training images"
+    elif isinstance(d.val_size, int):
+        val = f"{d.val_size:,} labelled training images"
+    else:
+        val = f"{d.val_size:.0%} of the labelled training images"
+    custom = getattr(spec, "protocol", None)
+    validation = (f"protocol {json.dumps(custom.model_dump() if hasattr(custom, 'model_dump') else custom, default=str)}, "
+                  if custom is not None else "") + f"{val} held out (split seed {d.split_seed}, the same for every arm and seed)"
+    if ft.search:
+        space = ", ".join(f"{k} ~ {kind}{json.dumps(arg)}"
+                          for k, dist in ft.search.items() for kind, arg in dist.model_dump(exclude_none=True).items())
+        search = f"{ft.samples} Optuna TPE sample(s) per cell over {space}"
+        if ft.samples <= 4:
+            search += f"; with {ft.samples} ≤ 4 samples TPE (n_startup_trials=4) is pure random sampling"
+    else:
+        search = f"none; {ft.samples} trial(s) per cell with the sweep's fixed hyperparameters"
+    asha = (f"; ASHA may stop unpromising trials after {spec.asha.grace_period} steps, and only trials that ran to "
+            "their end compete" if spec.asha.enabled else "")
+    total = ("labelled training images + validation labels" if len(logged) == 1 or isinstance(d.val_size, int) else
+             "unknown (the validation size is a fraction and the runs did not log val_size)")
+    return (f"**Protocol.** Validation: {validation}. Selection: each trial keeps its checkpoint with the best {spec.metric} "
+            f"on validation, and in each (arm, labels, steps, seed) cell the completed trial with the "
+            f"{'highest' if spec.mode == 'max' else 'lowest'} {spec.metric} is selected{asha}. Search: {search}. "
+            f"Seeds: {', '.join(map(str, ft.seeds))}; a seed fixes the labelled subset, so arms with the same seed "
+            f"trained on the same images. Labels used in total (labels_total) = {total}. Test set: the test metrics are "
+            "those of the checkpoint each trial selected on validation, evaluated once; test numbers (and any test "
+            "curves drawn for display) never enter any selection.")
+
+
+def summary_rows(cells: list[Cell], target: float | None, keys: tuple = SEARCH_KEYS) -> list[dict]:
     rows = []
     for c in cells:
+        acc, acc_hw = stats.mean_ci(c.accs)
+        loss, loss_hw = stats.mean_ci(c.losses)
         row = {"arm": c.arm, "labels": c.labels, "steps": c.steps, "seeds": c.n,
-               "test_acc_mean": round(c.mean, 4), "test_acc_ci95": None if c.n < 2 else round(c.half_width, 4)}
+               "test_acc_mean": round(acc, 4), "test_acc_ci95": None if c.n < 2 else round(acc_hw, 4),
+               "test_loss_mean": round(loss, 4) if c.losses else None,
+               "test_loss_ci95": round(loss_hw, 4) if len(c.losses) > 1 else None,
+               "labels_total": c.labels_total}
         if target is not None:
-            reached = [steps_to_target(t.curve, target) for t in chosen
-                       if (t.arm, t.labels, t.steps) == (c.arm, c.labels, c.steps)]
-            hits = [s for s in reached if s is not None]
-            row["steps_to_target"] = round(float(np.mean(hits))) if hits else None
-            row["reached_target"] = f"{len(hits)}/{len(reached)}"
-        row["best_hyperparameters"] = " ".join(f"{k}={float(v):.3g}" for k, v in sorted(c.best_params.items()))
+            found = steps_estimate(c, target)
+            est, reached, n = found if found else (None, 0, 0)
+            row["steps_to_target"] = stats.fmt_steps(est.point) if est else None
+            row["steps_to_target_ci95"] = (f"{stats.fmt(est.lo)} to {stats.fmt(est.hi)}" if est and est.lo else None)
+            row["steps_to_target_censored"] = round(est.censored, 3) if est else None
+            row["reached_target"] = f"{reached} of {n}"
+        row["hyperparameters"] = hyperparameters(c, keys)
         rows.append(row)
     return rows
 
@@ -428,28 +525,66 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def ci_text(mean: float | None, half: float | None, spec: str) -> str:
+    """'72.00% ± 4.97%' (spec '.2%'); the mean alone without a half-width; '' without a mean."""
+    if mean is None:
+        return ""
+    return format(mean, spec) + (f" ± {format(half, spec)}" if half is not None else "")
+
+
 def _markdown(rows: list[dict]) -> str:
     if not rows:
         return "_No completed fine-tune trials yet._"
-    head = [k for k in rows[0] if k != "test_acc_ci95"]  # shown as ± in the mean's column
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    steps = "steps_to_target" in rows[0]
+    head = ["arm", "labels", "labels_total", "steps", "seeds", "test acc (95% CI)", "test loss (95% CI)"]
+    head += ["steps to target: median (95% CI)", "seeds reaching it"] if steps else []
+    lines = ["| " + " | ".join(head + ["hyperparameters (per seed)"]) + " |", "|" + " --- |" * (len(head) + 1)]
     for r in rows:
-        cells = []
-        for k in head:
-            v = r[k]
-            if k == "test_acc_mean":
-                ci = r["test_acc_ci95"]
-                v = f"{v:.2%}" + (f" ± {ci:.2%}" if ci is not None else "")
-            cells.append("" if v is None else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+        cols = [r["arm"], r["labels"], r["labels_total"] if r["labels_total"] is not None else "?", r["steps"], r["seeds"],
+                ci_text(r["test_acc_mean"], r["test_acc_ci95"], ".2%"), ci_text(r["test_loss_mean"], r["test_loss_ci95"], ".4f")]
+        if steps:
+            ci = f" ({r['steps_to_target_ci95']})" if r["steps_to_target_ci95"] else ""
+            cols += [(r["steps_to_target"] or "-") + ci, r["reached_target"]]
+        lines.append("| " + " | ".join(str(v) for v in cols + [r["hyperparameters"]]) + " |")
     return "\n".join(lines)
 
 
+def diff_text(p: stats.Paired, kind: str) -> str:
+    """'+9.00 pp ± 2.48 pp' for accuracy (percentage points), '-0.1800 ± 0.0497' for loss; '-' without pairs."""
+    if p.n == 0:
+        return "-"
+    scale, digits, unit = (100, 2, " pp") if kind == "acc" else (1, 4, "")
+    text = f"{p.mean * scale:+.{digits}f}{unit}"
+    return text + (f" ± {p.half_width * scale:.{digits}f}{unit}" if p.n > 1 else " (one seed)")
+
+
+def _paired_markdown(paired: list[dict]) -> str:
+    lines = ["| arm | labels | steps | seed pairs | Δ test acc (95% CI) | Δ test loss (95% CI) |", "|" + " --- |" * 6]
+    for p in paired:
+        lines.append(f"| {p['arm']} − scratch | {p['labels']} | {p['steps']} | {p['acc'].n} | "
+                     f"{diff_text(p['acc'], 'acc')} | {diff_text(p['loss'], 'loss')} |")
+    return "\n".join(lines)
+
+
+def efficiency_text(e: dict) -> tuple[str, str]:
+    """The labels scratch needs and the ratio: ('316', '3.16x (95% CI 2.78x to 3.59x)'), ('> 1,000', '> 1.00x ...')."""
+    return stats.fmt(e["baseline_labels"]), stats.fmt_estimate(e["ratio"], lambda b: stats.fmt(b, ".2f", "x"))
+
+
 def _efficiency_markdown(rows: list[dict]) -> str:
-    lines = ["| arm | steps | labels | mean test acc | scratch needs | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| arm | steps | labels | seeds | mean test acc | scratch needs | ratio (95% CI) |", "|" + " --- |" * 7]
     for e in rows:
-        ratio = "∞" if math.isinf(e["ratio"]) else f"{e['ratio']:.2f}x"
-        need = "more than it has" if math.isinf(e["baseline_labels"]) else f"{e['baseline_labels']:,.0f}"
-        need = f"≤ {need}" if e["lower_bound"] else need
-        lines.append(f"| {e['arm']} | {e['steps']} | {e['labels']} | {e['accuracy']:.2%} | {need} | {ratio} |")
+        need, ratio = efficiency_text(e)
+        lines.append(f"| {e['arm']} | {e['steps']} | {e['labels']} | {e['seeds']} | {e['accuracy']:.2%} | {need} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _trials_markdown(counts: dict[str, Counter], problems: list[str]) -> str:
+    lines = ["| stage | " + " | ".join(o.replace("_", " ") for o in OUTCOMES) + " |", "|" + " --- |" * (len(OUTCOMES) + 1)]
+    for stage in sorted(counts, key=lambda s: (s != "finetune", s)):
+        lines.append(f"| {stage} | " + " | ".join(str(counts[stage][o]) for o in OUTCOMES) + " |")
+    lines += ["", "Only completed trials are selected; stopped, diverged, failed and interrupted ones are counted here "
+              "and left out of every table and curve."]
+    if problems:
+        lines += [""] + [f"- {p}" for p in problems[:50]] + ([f"- ... and {len(problems) - 50} more"] if len(problems) > 50 else [])
     return "\n".join(lines)

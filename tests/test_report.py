@@ -1,6 +1,7 @@
 """The report on a real sqlite MLflow store filled with known numbers, where every figure of merit
 can be worked out by hand."""
 
+import json
 import math
 
 import pytest
@@ -8,11 +9,14 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from dlcore import plots
 from dlcore import report as R
 from dlcore import tracking
 from dlcore.cli import app
 from dlcore.spec import Sweep
+from dlcore.stats import Bound
 
+T2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom
 SPEC = {
     "name": "known",
     "data": {"dataset": "mnist"},
@@ -21,65 +25,166 @@ SPEC = {
     "pretrain": {"ae": {"objective": "autoencoder", "steps": 10}},
     "target": 0.8,
 }
-# test accuracy of the validation-best trial per (arm, labels) and seed
+# test accuracy of the validation-best trial per (arm, labels) and seed; its test loss is 2 (1 - acc)
 TEST = {("scratch", 100): [0.70, 0.72, 0.74], ("scratch", 1000): [0.88, 0.90, 0.92],
         ("pretrained", 100): [0.80, 0.81, 0.82], ("pretrained", 1000): [0.93, 0.94, 0.95]}
 
 
-def fill(tmp_path, drop=(), fail=(), seeds=(0, 1, 2)):
+def val_curve(arm, labels, seed):
+    """Validation accuracy by step. With target 0.8: pretrained/100 crosses between 50 and 100 (at 90),
+    pretrained/1000 between the step-0 evaluation and 50 (at 43.75), scratch/1000 between 100 and 150
+    (at 131.25) except seed 2, which never does; scratch/100 never does."""
+    if (arm, labels) == ("scratch", 100) or (arm, labels, seed) == ("scratch", 1000, 2):
+        return {0: 0.1, 50: 0.6, 100: 0.7, 150: 0.75, 200: 0.79}
+    if (arm, labels) == ("pretrained", 1000):
+        return {0: 0.1, 50: 0.9, 100: 0.9, 150: 0.9, 200: 0.9}
+    return {0: 0.1, 50: 0.6, 100: 0.85 if arm == "pretrained" else 0.7, 150: 0.86, 200: 0.86}
+
+
+def add_run(client, exp, parent, tags, metrics=(), params=None, status="FINISHED"):
+    run = client.create_run(exp, tags={"mlflow.parentRunId": parent, **{"dlsweep." + k: str(v) for k, v in tags.items()}})
+    run_id = run.info.run_id
+    for k, v in (params or {}).items():
+        client.log_param(run_id, k, v)
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, s) for k, v, s in metrics])
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def fill(tmp_path, drop=(), fail=(), seeds=(0, 1, 2), extras=False, data=None, val_metric=None, test_curves=False,
+         name="known"):
+    """Two samples per cell and seed: the first best on validation, the second better on test (never
+    chosen). ``extras``: a third arm 'dae' whose stage diverged (blocked), a diverged, a failed and an
+    interrupted trial that each have the best validation value of their cell, and two stage runs."""
     uri = tracking.default_uri(tmp_path)
     client = MlflowClient(uri)
-    spec = Sweep.model_validate({**SPEC, "finetune": {**SPEC["finetune"], "seeds": list(seeds)}}).model_dump(mode="json", by_alias=True)
-    exp = tracking.ensure_experiment(uri, "known", tmp_path / "artifacts")
-    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": "known"})
+    raw = {**SPEC, "name": name, "data": data or SPEC["data"], "finetune": {**SPEC["finetune"], "seeds": list(seeds)}}
+    if extras:
+        raw["pretrain"] = {**SPEC["pretrain"], "dae": {"objective": "autoencoder", "steps": 10}}
+        raw["finetune"]["arms"] = {**SPEC["finetune"]["arms"], "dae": {"from": "dae"}}
+    spec = Sweep.model_validate(raw).model_dump(mode="json", by_alias=True)
+    exp = tracking.ensure_experiment(uri, name, tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": name, **({"blocked": json.dumps(["dae"])} if extras else {})})
     for (arm, labels), accs in TEST.items():
         for seed in seeds:
             if (arm, labels, seed) in drop:
                 continue
-            test = accs[seed]
-            for sample, (val, test_acc) in enumerate([(0.9, test), (0.5, 0.99)]):  # the 2nd has better test, worse val
-                tags = {"mlflow.parentRunId": parent, "dlsweep.stage": "finetune", "dlsweep.arm": arm,
-                        "dlsweep.labels": str(labels), "dlsweep.steps": "200", "dlsweep.seed": str(seed),
-                        "dlsweep.cell": f"{arm}/labels={labels}/steps=200/seed={seed}",
-                        "dlsweep.outcome": "failed" if (arm, labels, seed, sample) in fail else "completed"}
-                run = client.create_run(exp, tags=tags).info.run_id
-                client.log_param(run, "lr", 0.001 * (sample + 1))
-                # validation curve: pretrained reaches 0.8 at step 100, scratch at 100 labels never
-                curve = {50: 0.6, 100: 0.85 if arm == "pretrained" else 0.7, 150: 0.86, 200: val}
-                if (arm, labels) == ("scratch", 100):
-                    curve = {50: 0.6, 100: 0.7, 150: 0.75, 200: 0.75}
-                metrics = [Metric("val_acc", v, 0, s) for s, v in curve.items()]
-                metrics += [Metric("best_val_acc", val if arm != "scratch" or labels != 100 else val - 0.1, 0, 200),
-                            Metric("test_acc", test_acc, 0, 200), Metric("train_size", labels, 0, 200)]
-                client.log_batch(run, metrics=metrics)
-                client.set_terminated(run, "FAILED" if (arm, labels, seed, sample) in fail else "FINISHED")
+            cell = {"stage": "finetune", "arm": arm, "labels": labels, "steps": 200, "seed": seed,
+                    "cell": f"{arm}/labels={labels}/steps=200/seed={seed}"}
+            for sample, (val, test_acc) in enumerate([(0.9, accs[seed]), (0.5, 0.99)]):
+                failed = (arm, labels, seed, sample) in fail
+                metrics = [("val_acc", v, s) for s, v in val_curve(arm, labels, seed).items()]
+                if test_curves and (arm, labels) == ("scratch", 100):  # logged for display, ending at the final value
+                    metrics += [("test_loss", 2.3, 0), ("test_loss", 1.0, 100), ("test_acc", 0.1, 0), ("test_acc", 0.5, 100)]
+                metrics += [("best_val_acc", val, 200), ("test_acc", test_acc, 200), ("test_loss", 2 * (1 - test_acc), 200),
+                            ("train_size", labels, 200)] + ([("val_size", val_metric, 200)] if val_metric else [])
+                add_run(client, exp, parent, {**cell, "outcome": "failed" if failed else "completed"}, metrics,
+                        {"lr": 0.001 * (sample + 1) * (seed + 1)}, "FAILED" if failed else "FINISHED")
+    if extras:
+        cell = lambda arm, labels, seed: {"stage": "finetune", "arm": arm, "labels": labels, "steps": 200, "seed": seed,
+                                          "cell": f"{arm}/labels={labels}/steps=200/seed={seed}"}
+        best = [("best_val_acc", 0.99, 100), ("val_acc", 0.99, 100)]
+        add_run(client, exp, parent, {**cell("pretrained", 100, 0), "outcome": "diverged"}, best + [("diverged_step", 120, 120)])
+        add_run(client, exp, parent, {**cell("scratch", 1000, 1), "outcome": "failed", "error": "Traceback\nRuntimeError: out of memory"},
+                best + [("test_acc", 0.2, 200)], status="FAILED")
+        add_run(client, exp, parent, cell("pretrained", 1000, 2), best + [("test_acc", 0.1, 200)], status="RUNNING")
+        add_run(client, exp, parent, {"stage": "ae", "seed": 0, "outcome": "completed"},
+                [("train_loss", 0.5, 5), ("val_loss", 0.4, 5), ("train_loss", 0.3, 10), ("val_loss", 0.35, 10), ("test_loss", 0.36, 10)])
+        add_run(client, exp, parent, {"stage": "dae", "seed": 0, "outcome": "diverged"}, [("diverged_step", 7, 7)])
     return client, parent
 
 
-def test_means_bands_steps_and_label_efficiency_by_hand(tmp_path):
-    client, parent = fill(tmp_path)
+@pytest.fixture(scope="module")
+def known(tmp_path_factory):
+    """The full store (extras included) and its report, built once for the tests that only read them."""
+    tmp_path = tmp_path_factory.mktemp("known")
+    client, parent = fill(tmp_path, extras=True)
     result = R.build(client, "known", tmp_path / "out")
+    return parent, result, (tmp_path / "out" / "report.md").read_text(), tmp_path
+
+
+def test_means_intervals_and_hyperparameters_by_hand(known):
+    _, result, md, _ = known
     cells = {(c.arm, c.labels): c for c in result["cells"]}
-    assert cells[("scratch", 100)].accs == pytest.approx([0.70, 0.72, 0.74])  # selected on validation, not test
+    assert set(cells) == set(TEST)  # the blocked arm has no cells
+    # selected on validation: not the better-on-test sample, nor the diverged/failed/interrupted trial
+    assert cells[("scratch", 100)].accs == pytest.approx([0.70, 0.72, 0.74])
+    assert cells[("scratch", 1000)].accs == pytest.approx([0.88, 0.90, 0.92])
+    assert cells[("pretrained", 100)].accs == pytest.approx([0.80, 0.81, 0.82])
+    assert cells[("pretrained", 1000)].accs == pytest.approx([0.93, 0.94, 0.95])
     assert cells[("scratch", 100)].mean == pytest.approx(0.72)
-    t = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom
-    assert cells[("scratch", 100)].half_width == pytest.approx(t * 0.02 / math.sqrt(3))
-    assert cells[("scratch", 100)].best_params == {"lr": "0.001"}
-    eff = {e["labels"]: e for e in result["efficiency"]}
-    assert eff[100]["baseline_labels"] == pytest.approx(100 * math.sqrt(10))  # halfway in log between 100 and 1000
-    assert eff[100]["ratio"] == pytest.approx(math.sqrt(10))
-    assert math.isinf(eff[1000]["baseline_labels"])  # scratch never reaches 94%
+    assert cells[("scratch", 100)].half_width == pytest.approx(T2 * 0.02 / math.sqrt(3))
     rows = {(r["arm"], r["labels"]): r for r in result["rows"]}
-    assert rows[("pretrained", 100)]["steps_to_target"] == 100 and rows[("pretrained", 100)]["reached_target"] == "3/3"
-    assert rows[("scratch", 100)]["steps_to_target"] is None and rows[("scratch", 100)]["reached_target"] == "0/3"
-    out = tmp_path / "out"
-    for name in ("accuracy_vs_labels.png", "accuracy_vs_labels.svg", "accuracy_vs_steps.png", "summary.csv", "summary.md", "report.md"):
-        assert (out / name).stat().st_size > 0, name
-    md = (out / "report.md").read_text()
-    assert "![" in md and "accuracy_vs_labels.png" in md and "95% Student-t" in md and "72.00% ± 4.97%" in md
-    assert "Partial" not in md
-    logged = {a.path for a in client.list_artifacts(parent, "report")}
-    assert "report/report.md" in logged and "report/accuracy_vs_labels.png" in logged
+    r = rows[("scratch", 100)]
+    assert r["test_loss_mean"] == pytest.approx(0.56) and r["test_loss_ci95"] == pytest.approx(T2 * 0.04 / math.sqrt(3), abs=1e-4)
+    assert r["hyperparameters"] == "s0: lr=0.001; s1: lr=0.002; s2: lr=0.003"  # each seed's own choice
+    assert r["labels_total"] == 100 + 5000 and rows[("pretrained", 1000)]["labels_total"] == 1000 + 5000
+    assert "| scratch | 100 | 5100 | 200 | 3 | 72.00% ± 4.97% | 0.5600 ± 0.0994 |" in md
+
+
+def test_steps_to_target_median_interval_and_censoring(known):
+    _, result, md, _ = known
+    rows = {(r["arm"], r["labels"]): r for r in result["rows"]}
+    assert (rows[("pretrained", 100)]["steps_to_target"], rows[("pretrained", 100)]["reached_target"]) == ("90", "3 of 3")
+    assert rows[("pretrained", 100)]["steps_to_target_ci95"] == "90 to 90"
+    assert rows[("pretrained", 1000)]["steps_to_target"] == "44"  # 43.75: from the step-0 evaluation to step 50
+    # scratch/1000: 131.25, 131.25 and a seed that never gets there: counted, not dropped
+    r = rows[("scratch", 1000)]
+    assert (r["steps_to_target"], r["reached_target"], r["steps_to_target_ci95"]) == ("131", "2 of 3", "131 to > 200")
+    assert r["steps_to_target_censored"] == pytest.approx(7 / 27, abs=0.015)  # the censored seed is the median
+    r = rows[("scratch", 100)]
+    assert (r["steps_to_target"], r["reached_target"]) == ("not within 200 steps", "0 of 3")
+    assert "| 131 (131 to > 200) | 2 of 3 |" in md and "∞" not in md and "inf" not in md.replace("info", "")
+
+
+def test_paired_differences_and_label_efficiency_with_bootstrap(known):
+    _, result, md, _ = known
+    paired = {(p["arm"], p["labels"]): p for p in result["paired"]}
+    assert set(paired) == {("pretrained", 100), ("pretrained", 1000)}
+    p = paired[("pretrained", 100)]  # differences 0.10, 0.09, 0.08; losses -0.20, -0.18, -0.16
+    assert p["acc"].n == 3 and p["acc"].mean == pytest.approx(0.09) and p["acc"].half_width == pytest.approx(T2 * 0.01 / math.sqrt(3))
+    assert p["loss"].mean == pytest.approx(-0.18) and p["loss"].half_width == pytest.approx(T2 * 0.02 / math.sqrt(3))
+    eff = {e["labels"]: e for e in result["efficiency"]}
+    assert eff[100]["baseline_labels"].value == pytest.approx(100 * math.sqrt(10))  # halfway in log between 100 and 1000
+    # scratch +0.02 and pretrained +0.01 per seed index: all-seed-2 and all-seed-0 resamples (1/27 each) are the ends
+    assert eff[100]["ratio"].lo.value == pytest.approx(10 ** (0.08 / 0.18))
+    assert eff[100]["ratio"].hi.value == pytest.approx(10 ** (0.10 / 0.18))
+    assert eff[1000]["baseline_labels"] == Bound(1000, "above")  # scratch never reaches 94% within its 1,000
+    assert eff[1000]["ratio"].censored == 1.0
+    assert "| pretrained − scratch | 100 | 200 | 3 | +9.00 pp ± 2.48 pp | -0.1800 ± 0.0497 |" in md
+    assert "| pretrained | 200 | 100 | 3 | 81.00% | 316 | 3.16x (95% CI 2.78x to 3.59x) |" in md
+    assert "| > 1,000 | > 1.00x (95% CI > 1.00x to > 1.00x; censored in 100% of resamples) |" in md
+
+
+def test_trials_blocked_cells_and_protocol(known):
+    parent, result, md, tmp_path = known
+    assert dict(result["outcomes"]["finetune"]) == {"completed": 24, "diverged": 1, "failed": 1, "interrupted": 1}
+    assert dict(result["outcomes"]["dae"]) == {"diverged": 1} and result["failed"] == 1
+    assert len(result["blocked"]) == 6 and set(result["blocked"].values()) == {"blocked (pretraining stage dae diverged)"}
+    assert result["missing"] == []  # blocked cells are not "missing"
+    assert "`scratch/labels=1000/steps=200/seed=1` failed: RuntimeError: out of memory" in result["problems"]
+    assert "`pretrained/labels=100/steps=200/seed=0` diverged at step 120" in result["problems"]
+    assert "**6 cell(s) blocked (pretraining stage dae diverged):** dae/labels=100/steps=200/seed=0" in md
+    assert "| finetune | 24 | 0 | 1 | 1 | 1 |" in md and "| dae | 0 | 0 | 1 | 0 | 0 |" in md
+    assert "Validation: 5,000 labelled training images held out (split seed 0" in md
+    assert "2 Optuna TPE sample(s) per cell over lr ~ loguniform[0.0001, 0.01]; with 2 ≤ 4 samples TPE" in md
+    assert "pure random sampling" in md and "Seeds: 0, 1, 2" in md and "highest val_acc" in md
+    # the report names the experiment and run, never a path of this machine
+    assert f"Experiment `known`, sweep run `{parent}`." in md
+    assert str(tmp_path) not in md and "sqlite" not in md
+
+
+def test_labels_total_from_a_logged_val_size_or_unknown_for_a_fraction(tmp_path):
+    client, _ = fill(tmp_path, data={"dataset": "mnist", "val_size": 0.1}, seeds=(0,))
+    result = R.build(client, "known", tmp_path / "out")
+    assert {r["labels_total"] for r in result["rows"]} == {None}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "10% of the labelled training images held out" in md and "unknown (the validation size is a fraction" in md
+    client, _ = fill(tmp_path / "logged", data={"dataset": "mnist", "val_size": 0.1}, seeds=(0,), val_metric=600)
+    rows = {(r["arm"], r["labels"]): r for r in R.build(client, "known", tmp_path / "out2")["rows"]}
+    assert rows[("scratch", 100)]["labels_total"] == 700 and rows[("scratch", 1000)]["labels_total"] == 1600
+    assert "Validation: 600 labelled training images held out" in (tmp_path / "out2" / "report.md").read_text()
 
 
 def test_partial_and_failed_runs_still_report_the_rest(tmp_path):
@@ -91,36 +196,110 @@ def test_partial_and_failed_runs_still_report_the_rest(tmp_path):
     assert cells[("pretrained", 100)].accs == pytest.approx([0.80, 0.99, 0.82])
     assert result["missing"] == ["scratch/labels=1000/steps=200/seed=2"]
     assert result["failed"] == 1
+    # pairs only where both arms have the seed: scratch/1000 lacks seed 2
+    assert {p["labels"]: p["acc"].n for p in result["paired"]} == {100: 3, 1000: 2}
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Partial sweep" in md and "scratch/labels=1000/steps=200/seed=2" in md
 
 
-def test_one_seed_has_no_band_and_says_so(tmp_path):
+def test_one_seed_has_no_band_and_no_caption_promises_one(tmp_path):
     client, _ = fill(tmp_path, seeds=(0,))
     result = R.build(client, "known", tmp_path / "out")
     assert all(c.n == 1 and math.isnan(c.half_width) for c in result["cells"])
-    assert "one seed per point: no confidence band" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    captions = [line for line in md.splitlines() if line.startswith("*") and line.endswith("*") and not line.startswith("**")]
+    assert len(captions) == len(result["figures"]) >= 3
+    assert not any("95%" in c for c in captions)
+    assert "one seed per point: no confidence band" in md and "one seed per curve: no confidence band" in md
+    assert result["rows"][0]["test_acc_ci95"] is None and result["rows"][0]["steps_to_target_ci95"] is None
 
 
-def test_labels_to_match_edges():
-    assert R.labels_to_match([100, 1000], [0.7, 0.9], 0.6) == 100  # there from the smallest budget
-    assert R.labels_to_match([100, 1000], [0.7, 0.9], 0.95) == math.inf
-    assert R.labels_to_match([10, 100, 1000], [0.5, 0.7, 0.9], 0.8) == pytest.approx(100 * math.sqrt(10))
-    assert R.steps_to_target([(50, 0.5), (100, 0.81), (150, 0.79)], 0.8) == 100
+def test_accuracy_vs_steps_has_a_panel_per_label_and_step_budget():
+    # two step budgets of the same arm and labels are two panels, not pooled as if they were seeds
+    chosen = [R.Trial(f"r{s}{seed}", "scratch", "100", 100, s, seed, "completed", 0.9, 0.8,
+                      curve=[(0, 0.1), (s // 2, 0.5 + seed / 100), (s, 0.7)]) for s in (100, 400) for seed in (0, 1)]
+    fig = plots.accuracy_vs_steps(chosen, {"scratch": "#666666"}, "t", target=0.6)
+    panels = [ax for ax in fig.axes if ax.has_data()]
+    assert sorted(ax.get_title() for ax in panels) == ["100 labels, 100 steps", "100 labels, 400 steps"]
+    assert [ax.get_xlim()[1] for ax in panels] == [100, 400]
+    mean = next(line for line in panels[0].get_lines() if line.get_label() == "scratch")
+    assert list(mean.get_xdata()) == [0, 50, 100] and mean.get_ydata()[1] == pytest.approx(50.5)
+    assert [t.get_text() for t in fig.legends[0].texts] == ["scratch", "target 60%"]  # one legend, beside the panels
+    plots.plt.close(fig)
 
 
-def test_report_cli_prints_table_and_unknown_experiment_fails(tmp_path):
-    fill(tmp_path)
+def test_loss_curves_draw_no_empty_panel_and_label_test_curves():
+    ae = {"train_loss": [(5, 0.5), (10, 0.3)], "val_loss": [(5, 0.4)], "train_acc": [], "val_acc": [], "test_loss": [(10, 0.36)]}
+    fig = plots.loss_curves(ae)
+    assert len(fig.axes) == 1  # an autoencoder has no accuracy panel
+    assert [t.get_text() for t in fig.legends[0].texts] == ["train loss", "val loss"]  # a single test value is no curve
+    plots.plt.close(fig)
+    fig = plots.loss_curves({"val_acc": [(50, 0.5)], "train_loss": []})
+    assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy"]  # nor an empty loss panel
+    plots.plt.close(fig)
+    clf = {"train_loss": [(50, 1.0)], "val_acc": [(50, 0.5)], "test_acc": [(0, 0.1), (50, 0.5)]}
+    fig = plots.loss_curves(clf)
+    assert len(fig.axes) == 2
+    assert "test acc (never used for selection)" in [t.get_text() for t in fig.legends[0].texts]
+    plots.plt.close(fig)
+
+
+def test_report_folder_is_replaced_whole_and_kept_on_a_crash(tmp_path, monkeypatch):
+    client, _ = fill(tmp_path, test_curves=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("old")
+    (out / "stale.png").write_text("from an earlier report")
+    result = R.build(client, "known", out)
+    assert not (out / "stale.png").exists() and (out / "report.md").read_text() != "old"
+    # test curves logged for display (scratch/100) end at the final value, which the table keeps
+    assert next(r for r in result["rows"] if (r["arm"], r["labels"]) == ("scratch", 100))["test_loss_mean"] == pytest.approx(0.56)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # no staging left behind
+    good = (out / "report.md").read_text()
+
+    def crash(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(R, "summary_rows", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        R.build(client, "known", out)
+    assert (out / "report.md").read_text() == good
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    elsewhere = tmp_path / "notes"
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is not a report folder"):
+        R.build(client, "known", elsewhere)
+    assert (elsewhere / "mine.txt").read_text() == "keep"
+
+
+def test_report_cli_tables_and_one_line_errors_that_leave_the_report_alone(tmp_path):
+    client, parent = fill(tmp_path, extras=True)
     runner = CliRunner()
-    result = runner.invoke(app, ["report", "known", "--store", str(tmp_path), "--out", str(tmp_path / "rep")])
+    rep = tmp_path / "rep"
+    result = runner.invoke(app, ["report", "known", "--store", str(tmp_path), "--out", str(rep), "--run", parent])
     assert result.exit_code == 0, result.output
-    assert "72.00% ± 4.97%" in result.output and "scratch needs ~316 labels (3.2x)" in result.output
+    out = result.output
+    assert "72.00% ± 4.97%" in out and "0.5600 ± 0.0994" in out and "+9.00 pp ± 2.48 pp" in out
+    assert "scratch needs 316 labels: 3.16x (95% CI 2.78x to 3.59x)" in out
+    assert "6 cell(s) blocked (pretraining stage dae diverged)" in out
+    assert "trials of finetune: 24 completed, 1 diverged, 1 failed, 1 interrupted" in out
+    good = (rep / "report.md").read_text()
+    child = next(r.info.run_id for r in client.search_runs([client.get_experiment_by_name("known").experiment_id])
+                 if r.data.tags.get("dlsweep.stage") == "finetune")
+    _, other = fill(tmp_path, name="other")
+    for run, message in [("deadbeef", "run 'deadbeef' does not exist"), (child, "is not a sweep's parent run"),
+                         (other, "belongs to another experiment")]:
+        bad = runner.invoke(app, ["report", "known", "--store", str(tmp_path), "--out", str(rep), "--run", run])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
+        assert len(bad.output.strip().splitlines()) == 1
+    assert (rep / "report.md").read_text() == good
     bad = runner.invoke(app, ["report", "nope", "--store", str(tmp_path)])
     assert bad.exit_code == 2 and "no MLflow experiment 'nope'" in bad.output
 
 
 def test_loss_curves_for_a_chosen_cell(tmp_path):
-    client, _ = fill(tmp_path)
+    client, _ = fill(tmp_path, seeds=(0,))
     result = R.build(client, "known", tmp_path / "out", curves=["scratch/labels=1000"])
     assert "loss_curves_scratch_1000.png" in result["figures"] and "loss_curves_pretrained_100.png" not in result["figures"]
     with pytest.raises(ValueError, match="no completed trial in cell 'scratch/labels=7'"):
