@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .data import DataError
-from .spec import SpecError, check_jobs, load_sweep, plan
+from .fields import plain_name
+from .spec import SpecError, check_all, load_sweep, plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-efficiency sweeps: how many labels and steps does a model need, and what does pretraining buy?")
@@ -25,7 +29,7 @@ ROOT_OPTION = typer.Option(Path("mlflow_runs"), "--store", help="Folder for the 
 
 
 def fail(message: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -51,7 +55,7 @@ def run(
     try:
         sweep = load_sweep(sweep_file, set_, smoke=smoke)
         _data_dir_default(sweep)
-        check_jobs(sweep, str(sweep_file))
+        check_all(sweep, str(sweep_file))  # the same checks for --dry-run and a real run, before anything is written
     except SpecError as e:
         fail(str(e))
     if dry_run:
@@ -123,6 +127,11 @@ def report(
             fail(str(e))
         name = spec.tracking.experiment or spec.name
         tracking_uri = tracking_uri or spec.tracking.uri
+    else:
+        try:
+            plain_name(name)  # it becomes a folder under reports/
+        except ValueError as e:
+            fail(f"experiment name: {e}")
     if not tracking_uri and not (store / "mlflow.db").exists():
         fail(f"no MLflow store at {store / 'mlflow.db'}; run the sweep first or pass --tracking-uri")
     client = MlflowClient(tracking_uri or default_uri(store))
@@ -191,18 +200,51 @@ def _print_report(result: dict, name: str) -> None:
 @app.command()
 def ui(
     store: Path = ROOT_OPTION,
-    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(5000, "--port", help="Port to listen on."),
 ):
-    """Open the MLflow UI on 127.0.0.1 for the local store."""
+    """Open the MLflow UI for the local store; Ctrl-C or SIGTERM stops the server with all its workers."""
     from .tracking import default_uri
 
     db = store / "mlflow.db"
     if not db.exists():
         fail(f"no MLflow store at {db}; run a sweep first")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_uri(store), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_uri(store), "--host", host,
            "--port", str(port), "--workers", "1"]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
-    raise typer.Exit(subprocess.call(cmd))
+    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)", highlight=False)
+    raise typer.Exit(serve(cmd))
+
+
+def serve(cmd: list[str], grace: float = 10.0) -> int:
+    """Run a server in its own process group, pass SIGINT/SIGTERM to the whole group, and return only
+    once no process of it is left: ``mlflow server`` starts uvicorn and job consumers that would
+    otherwise outlive it. Returns 0 when stopped by a signal, else the server's exit code."""
+    proc = subprocess.Popen(cmd, start_new_session=True)  # its pid is its group id
+    stopped = []
+
+    def forward(signum, _frame):
+        stopped.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        try:  # whatever the leader left behind: SIGTERM, then SIGKILL after `grace` seconds
+            os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                os.killpg(proc.pid, 0)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if stopped else code
 
 
 def main():

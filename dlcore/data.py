@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -100,11 +102,18 @@ def _from_arrays(name: str, x_train, y_train, x_test, y_test) -> Dataset:
 def load_npz(path: str | Path, name: str | None = None) -> Dataset:
     """Load an ``.npz`` with uint8 ``x_train, y_train, x_test, y_test``."""
     path = Path(path)
-    with np.load(path) as z:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
-        if missing:
-            raise DataError(f"{path}: missing arrays {sorted(missing)}; expected x_train, y_train, x_test, y_test")
-        return _from_arrays(name or path.stem, z["x_train"], z["y_train"], z["x_test"], z["y_test"])
+    try:
+        with np.load(path) as z:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if missing:
+                raise DataError(f"{path}: missing arrays {sorted(missing)}; expected x_train, y_train, x_test, y_test")
+            arrays = z["x_train"], z["y_train"], z["x_test"], z["y_test"]
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as e:
+        if isinstance(e, DataError):
+            raise
+        reason = str(e).splitlines()[0] if str(e) else "empty or cut short"
+        raise DataError(f"{path}: not a readable .npz, truncated or corrupt? ({type(e).__name__}: {reason})") from None
+    return _from_arrays(name or path.stem, *arrays)
 
 
 def _load_torchvision(name: str, root: Path, download: bool) -> Dataset:

@@ -1,12 +1,12 @@
 """Sweep files: YAML + ``--set`` overrides -> a validated ``Sweep`` -> plain ``TrainConfig`` jobs.
 
-Every user mistake becomes a ``SpecError`` whose message is one line naming the file, the key
-path and what was expected. Nothing here starts Ray or touches MLflow.
+Every user mistake becomes a ``SpecError``: one line naming the file (or the ``--set``), the key path
+and what was expected. ``check_all`` is every check a run makes before it writes anything, the data
+set's own included. Nothing here starts Ray or touches MLflow.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import itertools
@@ -15,23 +15,20 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
 from . import data as D
 from . import losses, models
+from .fields import RANGES, At, Budget, Classes, Count, Name, Seed, ValSize, budget, grid, model_args_problem
+from .sweepfile import SpecError, apply_overrides, format_validation_error, message, origin, read_yaml
 from .train import OBJECTIVES, TrainConfig
-
-
-class SpecError(ValueError):
-    """A sweep file that cannot run; ``str()`` is one line for the terminal."""
-
 
 # Keys of TrainConfig that a sweep sets itself rather than the user.
 RUN_KEYS = {"objective", "dataset", "data_dir", "classes", "val_size", "split_seed", "labels", "init_encoder",
             "seed", "threads", "device", "out_dir", "steps", "test_size"}
 HINTS = typing.get_type_hints(TrainConfig)
-PARAM_FIELDS = {f.name: (Optional[HINTS[f.name]], None) for f in dataclasses.fields(TrainConfig) if f.name not in RUN_KEYS}
+PARAM_FIELDS = {f.name: (Optional[RANGES.get(f.name, HINTS[f.name])], None)
+                for f in dataclasses.fields(TrainConfig) if f.name not in RUN_KEYS}
 NAME_CHOICES = {
     "encoder": models.ENCODERS,
     "decoder": models.DECODERS,
@@ -90,21 +87,38 @@ class Distribution(Strict):
             raise ValueError(f"loguniform needs low > 0, got {arg[0]}")
         return self
 
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self.model_dump().items() if v is not None)
+
+    def outside(self, key: str) -> Optional[str]:
+        """Why this distribution can draw a value that ``key`` cannot take, or None."""
+        kind, arg = self.kind, getattr(self, self.kind)
+        types = typing.get_args(HINTS[key]) or (HINTS[key],)
+        if kind in ("uniform", "loguniform") and float not in types:
+            return f"{kind} draws floats, but {key} takes {' or '.join(t.__name__ for t in types)}; use randint or choice"
+        edges = arg if kind == "choice" else (arg[0], arg[1] - 1) if kind == "randint" else arg
+        for v in edges:
+            try:
+                Params.model_validate({key: v})
+            except ValidationError as e:
+                return f"{kind} value {v!r}: {message(e.errors()[0])}"
+        return None
+
     def to_tune(self):
         from ray import tune
 
-        kind = next(k for k, v in self.model_dump().items() if v is not None)
-        arg = getattr(self, kind)
-        return tune.choice(arg) if kind == "choice" else getattr(tune, kind)(*arg)
+        arg = getattr(self, self.kind)
+        return tune.choice(arg) if self.kind == "choice" else getattr(tune, self.kind)(*arg)
 
 
 class DataSpec(Strict):
     dataset: str = "mnist"
     data_dir: Optional[str] = None  # default: DLSWEEP_DATA_DIR, resolved by the CLI
-    classes: Optional[list[int]] = None
-    val_size: Union[int, float] = 5000
-    split_seed: int = 0
-    test_size: Optional[int] = None  # evaluate on the first N test images only (smoke runs)
+    classes: Optional[Classes] = None
+    val_size: ValSize = 5000
+    split_seed: Seed = 0
+    test_size: Optional[Count] = None  # evaluate on the first N test images only (smoke runs)
 
 
 class StageSpec(Params):
@@ -113,14 +127,17 @@ class StageSpec(Params):
     objective: Literal["autoencoder", "simclr", "barlow", "classify", "decode"]
     from_: Optional[str] = Field(None, alias="from")  # stage whose encoder initialises this one
     steps: int = Field(1000, gt=0)
-    classes: Optional[list[int]] = None  # override the data's classes (E1: the 8 non-cat/dog classes)
-    labels: Optional[Union[int, float]] = None  # classify stages: label budget, default all
-    seeds: Optional[list[int]] = None  # default: the fine-tune seeds, or [0]
+    classes: Optional[Classes] = None  # override the data's classes (E1: the 8 non-cat/dog classes)
+    labels: Optional[Budget] = None  # classify stages: label budget, default all
+    seeds: Optional[grid(Seed)] = None  # default: the fine-tune seeds, or [0]
 
     @model_validator(mode="after")
-    def _decode_needs_source(self):
+    def _consistent(self):
         if self.objective == "decode" and not self.from_:
-            raise ValueError("a decode stage needs 'from': the stage whose encoder it decodes")
+            raise At("from", "a decode stage needs 'from': the stage whose encoder it decodes")
+        problem = model_args_problem(self.set_values(), self.objective)
+        if problem:
+            raise At(*problem, also=("encoder",))
         return self
 
 
@@ -131,10 +148,10 @@ class ArmSpec(Params):
 
 
 class FinetuneSpec(Params):
-    arms: dict[str, ArmSpec] = Field(default_factory=lambda: {"scratch": ArmSpec()})
-    labels: list[Union[int, float]] = Field(min_length=1)
-    steps: list[int] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    arms: dict[Name, ArmSpec] = Field(default_factory=lambda: {"scratch": ArmSpec()})
+    labels: grid(Union[int, float])
+    steps: grid(int)
+    seeds: grid(Seed) = Field(default_factory=lambda: [0])
     samples: int = Field(1, gt=0)  # Optuna samples per grid cell
     search: dict[str, Distribution] = Field(default_factory=dict)
 
@@ -142,10 +159,7 @@ class FinetuneSpec(Params):
     @classmethod
     def _budgets(cls, v):
         for b in v:
-            if isinstance(b, float) and not 0 < b <= 1:
-                raise ValueError(f"label fraction {b} must be in (0, 1]")
-            if isinstance(b, int) and b < 1:
-                raise ValueError(f"label count {b} must be positive")
+            budget(b)
         return v
 
     @field_validator("steps")
@@ -161,47 +175,74 @@ class FinetuneSpec(Params):
         unknown = sorted(set(v) - set(PARAM_FIELDS))
         if unknown:
             raise ValueError(f"cannot search {unknown}; searchable: {sorted(PARAM_FIELDS)}")
+        for key, dist in v.items():
+            problem = dist.outside(key)
+            if problem:
+                raise At(key, problem)
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for key in self.search:  # the searched value replaces a set one in every trial
+            for where, p in [("", self), *((f"arms.{n}.", a) for n, a in self.arms.items())]:
+                if getattr(p, key) is not None:
+                    raise At(f"{where}{key}", f"is set, and also searched by finetune.search.{key}, whose values "
+                                              "replace it in every trial; keep one", also=(f"search.{key}",))
+        base = self.set_values()
+        for name, arm in self.arms.items():
+            own = arm.set_values()
+            values = {**base, **own}
+            where = f"arms.{name}." if {"encoder", "encoder_args"} & set(own) else ""
+            problem = model_args_problem(values, "classify")
+            if problem:
+                raise At(where + problem[0], problem[1], also=(f"{where}encoder",))
+            for key in {"encoder", "encoder_args"} & set(self.search):
+                for v in self.search[key].choice or []:
+                    problem = model_args_problem({**values, key: v}, "classify")
+                    if problem:
+                        raise At(f"search.{key}", f"choice {v!r}: {problem[1]}")
+        return self
 
 
 class AshaSpec(Strict):
     enabled: bool = True
     grace_period: int = Field(100, gt=0)  # steps before the first cut
-    reduction_factor: float = Field(2, gt=1)
+    reduction_factor: float = Field(2, gt=1, allow_inf_nan=False)
 
 
 class Resources(Strict):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpu: float = Field(1.0, gt=0, allow_inf_nan=False)
+    gpu: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class Tracking(Strict):
     uri: Optional[str] = None  # default: sqlite under mlflow_runs/
-    experiment: Optional[str] = None  # default: the sweep's name
+    experiment: Optional[Name] = None  # default: the sweep's name
 
 
 class Sweep(Strict):
-    name: str
+    name: Name
     description: str = ""
     data: DataSpec = Field(default_factory=DataSpec)
-    pretrain: dict[str, StageSpec] = Field(default_factory=dict)
+    pretrain: dict[Name, StageSpec] = Field(default_factory=dict)
     finetune: Optional[FinetuneSpec] = None
     metric: Literal["val_acc", "val_loss"] = "val_acc"  # fine-tune selection metric, on the validation split
-    target: Optional[float] = None  # accuracy the report counts steps to
+    target: Optional[float] = Field(None, gt=0, le=1)  # accuracy the report counts steps to
     asha: AshaSpec = Field(default_factory=AshaSpec)
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
+    _overrides: list[str] = PrivateAttr(default_factory=list)  # the --set texts it was loaded with, so that errors can name them
 
     @model_validator(mode="after")
     def _references(self):
         for name, stage in self.pretrain.items():
             if stage.from_ and stage.from_ not in self.pretrain:
-                raise ValueError(f"pretrain.{name}.from: no stage '{stage.from_}'; stages: {sorted(self.pretrain)}")
+                raise At(f"pretrain.{name}.from", f"no stage '{stage.from_}'; stages: {sorted(self.pretrain)}")
         self.stage_order()  # raises on cycles
         if self.finetune:
             for name, arm in self.finetune.arms.items():
                 if arm.from_ and arm.from_ not in self.pretrain:
-                    raise ValueError(f"finetune.arms.{name}.from: no stage '{arm.from_}'; stages: {sorted(self.pretrain)}")
+                    raise At(f"finetune.arms.{name}.from", f"no stage '{arm.from_}'; stages: {sorted(self.pretrain)}")
         if not self.pretrain and not self.finetune:
             raise ValueError("a sweep needs a 'pretrain' or a 'finetune' section")
         return self
@@ -219,7 +260,7 @@ class Sweep(Strict):
             if name in order:
                 return
             if name in visiting:
-                raise ValueError(f"pretrain.{name}.from: stages form a cycle")
+                raise At(f"pretrain.{name}.from", "stages form a cycle")
             visiting.add(name)
             if self.pretrain[name].from_:
                 visit(self.pretrain[name].from_)
@@ -239,63 +280,29 @@ class Sweep(Strict):
 # ---- loading ----------------------------------------------------------------------------
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise SpecError(f"--set {text}: expected KEY.PATH=VALUE")
-    key, value = text.split("=", 1)
+def _validate(raw: dict, path: Path, overrides: list[str]) -> Sweep:
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError as e:
-        raise SpecError(f"--set {key}: value is not YAML ({e.__class__.__name__})") from None
-    return key.split("."), parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for i, key in enumerate(path[:-1]):
-            if not isinstance(node.get(key, {}), dict):
-                raise SpecError(f"--set {text}: {'.'.join(path[: i + 1])} is not a section")
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return raw
-
-
-def _where(loc: tuple) -> str:
-    parts = [str(p) for p in loc if not str(p).startswith(("function-", "model-"))]
-    return ".".join(parts).replace(".from_", ".from") or "(top level)"
-
-
-def format_validation_error(path: str, e: ValidationError) -> str:
-    err = e.errors()[0]
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{path}: {_where(err['loc'])}: {msg}{more}"
+        raw = apply_overrides(raw, overrides)
+    except SpecError as e:
+        raise SpecError(f"{path} {e}") from None
+    try:
+        sweep = Sweep.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(str(path), e, overrides)) from None
+    sweep._overrides = list(overrides)
+    return sweep
 
 
 def load_sweep(path: str | Path, overrides: list[str] = (), smoke: bool = False) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such sweep file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of keys at the top level")
     raw.setdefault("name", path.stem)
-    raw = apply_overrides(raw, list(overrides))
-    try:
-        sweep = Sweep.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(format_validation_error(str(path), e)) from None
-    return shrink(sweep) if smoke else sweep
+    sweep = _validate(raw, path, list(overrides))
+    if smoke:  # the smoke sizes, then the user's --set again: what they set by hand wins
+        sweep = _validate(shrink(sweep).model_dump(by_alias=True), path, list(overrides))
+    return sweep
 
 
 # ---- smoke ------------------------------------------------------------------------------
@@ -328,6 +335,8 @@ def shrink(sweep: Sweep) -> Sweep:
         ft.steps = sorted({min(x, SMOKE_STEPS) for x in ft.steps})[:1]
         ft.samples = 1
         small(ft, ft.steps[0])
+        for key in ft.search:  # a searched key stays the search's
+            setattr(ft, key, None)
         for arm in ft.arms.values():
             arm.eval_every = arm.batch_size = None
     s.asha.grace_period = min(s.asha.grace_period, max(1, SMOKE_STEPS // 3))
@@ -405,46 +414,71 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
     return cells
 
 
+def _error(sweep: Sweep, source: str, key: str, problem: str, also: tuple[str, ...] = ()) -> SpecError:
+    return SpecError(f"{origin(source, sweep._overrides, key, *also)}: {key}: {problem}")
+
+
 def check_jobs(sweep: Sweep, source: str) -> None:
     """Build every job's TrainConfig once, so a bad value fails before anything runs."""
     pre = pretrain_jobs(sweep)
     jobs = list(pre.values()) + finetune_cells(sweep)
     by_key = {j.key: j for j in pre.values()}
     for job in jobs:
+        where = f"finetune.arms.{job.tags['arm']}" if job.stage == "finetune" else f"pretrain.{job.stage}"
         if job.source:  # the pretrained encoder must load into the job's encoder
             src = by_key[job.source]
             mine = (job.train.get("encoder", "conv"), job.train.get("encoder_args", {}))
             theirs = (src.train.get("encoder", "conv"), src.train.get("encoder_args", {}))
             if mine != theirs:
-                where = f"finetune.arms.{job.tags['arm']}" if job.stage == "finetune" else f"pretrain.{job.stage}"
-                raise SpecError(f"{source}: {where}: encoder {mine[0]} {mine[1]} differs from the encoder of "
-                                f"stage '{src.stage}' ({theirs[0]} {theirs[1]}) it starts from")
+                sections = [where, f"pretrain.{src.stage}", *(["finetune"] if job.stage == "finetune" else [])]
+                involved = tuple(f"{section}.{k}" for section in sections for k in ("encoder", "encoder_args"))
+                raise _error(sweep, source, where, f"encoder {mine[0]} {mine[1]} differs from the encoder of "
+                                                   f"stage '{src.stage}' ({theirs[0]} {theirs[1]}) it starts from", involved)
         try:
             TrainConfig(**{**job.train, "init_encoder": "pretrained" if job.source else job.train.get("init_encoder")})
         except (TypeError, ValueError) as e:
-            raise SpecError(f"{source}: {job.stage}: {e}") from None
-    if sweep.finetune and sweep.finetune.search:
-        for key, dist in sweep.finetune.search.items():
-            values = dist.choice if dist.choice is not None else []
-            for v in values:
-                try:
-                    Params.model_validate({key: v})
-                except ValidationError as e:
-                    raise SpecError(f"{source}: finetune.search.{key}: {format_validation_error('', e).split(': ', 2)[-1]}") from None
+            raise _error(sweep, source, where, str(e)) from None
 
 
 def check_budgets(sweep: Sweep, ds: D.Dataset, source: str) -> None:
-    """Label budgets against the real pool sizes: an impossible budget fails before Ray starts."""
+    """What only the data set can tell: classes it has, a validation split that leaves a pool, label
+    budgets that fit the pool and cover every class. Fails before Ray starts."""
+    pools: dict[tuple, tuple[int, int]] = {}  # classes -> (pool size, number of classes)
+    for key, classes in [("data.classes", sweep.data.classes),
+                         *((f"pretrain.{name}.classes", st.classes) for name, st in sweep.pretrain.items())]:
+        if tuple(classes or ()) in pools:
+            continue
+        try:
+            sub = D.select_classes(ds, classes) if classes else ds
+        except D.DataError as e:
+            raise _error(sweep, source, key, str(e)) from None
+        try:
+            pool, _ = D.validation_split(len(sub.y_train), sweep.data.val_size, sweep.data.split_seed)
+        except D.DataError as e:
+            raise _error(sweep, source, "data.val_size", f"{e} ({key} {classes})" if classes else str(e)) from None
+        pools[tuple(classes or ())] = len(pool), sub.num_classes
     for job in list(pretrain_jobs(sweep).values()) + finetune_cells(sweep):
         if job.train.get("labels") is None:
             continue
-        sub = D.select_classes(ds, job.train["classes"]) if job.train.get("classes") else ds
         try:
-            pool, _ = D.validation_split(len(sub.y_train), job.train["val_size"], job.train["split_seed"])
-            D.budget_count(job.train["labels"], len(pool), sub.num_classes)
+            D.budget_count(job.train["labels"], *pools[tuple(job.train.get("classes") or ())])
         except D.DataError as e:
-            where = f"finetune.labels" if job.stage == "finetune" else f"pretrain.{job.stage}.labels"
-            raise SpecError(f"{source}: {where}: {e}") from None
+            key = "finetune.labels" if job.stage == "finetune" else f"pretrain.{job.stage}.labels"
+            raise _error(sweep, source, key, str(e)) from None
+
+
+def check_all(sweep: Sweep, source: str) -> D.Dataset:
+    """Every check a run makes before it writes anything, the data set's own included; returns the data set.
+
+    ``dlsweep run`` calls it for dry and real runs alike: a dry run that passes is a run that starts.
+    """
+    check_jobs(sweep, source)
+    try:
+        ds = D.load_dataset(sweep.data.dataset, sweep.data.data_dir)
+    except D.DataError as e:
+        raise _error(sweep, source, "data.dataset", str(e)) from None
+    check_budgets(sweep, ds, source)
+    return ds
 
 
 def plan(sweep: Sweep) -> dict:

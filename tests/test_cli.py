@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +16,12 @@ from dlcore.cli import app
 from test_spec import MINIMAL, SWEEPS
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def data_env(data_dir, monkeypatch):
+    """`dlsweep run` checks the data set on --dry-run too, and finds it through DLSWEEP_DATA_DIR."""
+    monkeypatch.setenv("DLSWEEP_DATA_DIR", data_dir)
 
 
 def write(tmp_path, raw):
@@ -37,6 +45,15 @@ def test_dry_run_table_names_stages_and_resources(tmp_path):
     assert result.exit_code == 0, result.output
     assert "study on mnist: 5 trials (1 pretraining, 4 fine-tune)" in result.output
     assert "per trial 1.0 CPU, 0.0 GPU" in result.output
+
+
+def test_smoke_keeps_what_set_sets(tmp_path):
+    result = runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run", "--json", "--smoke", "--set", "finetune.samples=4"])
+    assert result.exit_code == 0, result.output
+    p = json.loads(result.output)
+    assert p["finetune"]["samples_per_cell"] == 4  # the user's, not smoke's 1
+    assert p["finetune"]["seeds"] == [0] and p["finetune"]["steps"] == [40]  # the rest is still shrunk
+    assert p["finetune_trials"] == 2 * 2 * 4
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
@@ -71,6 +88,19 @@ def test_missing_sweep_file(tmp_path):
     assert result.exit_code == 2 and "no such sweep file" in result.output
 
 
+@pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden"])
+def test_report_refuses_an_experiment_name_that_leaves_its_folder(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["report", name, "--store", str(tmp_path / "store")])
+    assert result.exit_code == 2 and f"experiment name: '{name}' is not a plain name" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_offers_host_and_port():
+    result = runner.invoke(app, ["ui", "--help"])
+    assert result.exit_code == 0 and "--host" in result.output and "--port" in result.output
+
+
 def test_help_is_the_docstring():
     result = runner.invoke(app, ["run", "--help"])
     assert result.exit_code == 0 and "pretraining stages once each" in result.output
@@ -82,8 +112,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_ui_serves_the_store(tmp_path):
+def serve_ui(tmp_path) -> tuple[subprocess.Popen, int, dict]:
+    """`dlsweep ui` on a store with one experiment, once its server answers: (process, port, /experiments/search)."""
     from dlcore import tracking
 
     store = tmp_path / "store"
@@ -94,23 +124,77 @@ def test_ui_serves_the_store(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "ui", "--store", str(store), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(60):
+        time.sleep(1)
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                         data=json.dumps({"max_results": 10}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            return proc, port, json.loads(urllib.request.urlopen(req, timeout=5).read())
+        except OSError:
+            continue
+    proc.kill()
+    raise AssertionError("mlflow server did not answer")
+
+
+def live_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every process that is not a zombie, read from /proc."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            state, ppid, pgrp = (d / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            procs[int(d.name)] = (int(ppid), int(pgrp))
+    return procs
+
+
+def descendants(pid: int) -> set[int]:
+    procs, found, todo = live_processes(), set(), [pid]
+    while todo:
+        parent = todo.pop()
+        kids = {c for c, (ppid, _) in procs.items() if ppid == parent}
+        found |= kids
+        todo += kids
+    return found
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store(tmp_path):
+    proc, _, body = serve_ui(tmp_path)
     try:
-        body = None
-        for _ in range(60):
-            time.sleep(1)
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
-                                             data=json.dumps({"max_results": 10}).encode(),
-                                             headers={"Content-Type": "application/json"})
-                body = json.loads(urllib.request.urlopen(req, timeout=5).read())
-                break
-            except OSError:
-                continue
-        assert body is not None, "mlflow server did not answer"
         assert "study" in {e["name"] for e in body["experiments"]}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_ui_sigterm_leaves_no_server_process_behind(tmp_path):
+    proc, port, _ = serve_ui(tmp_path)
+    server = descendants(proc.pid)  # mlflow server, uvicorn, the job runner and its consumers
+    try:
+        groups = {live_processes()[p][1] for p in server}
+        assert len(server) > 1 and len(groups) == 1 and os.getpgid(0) not in groups  # one group of its own
+        (pgid,) = groups
+        proc.send_signal(signal.SIGTERM)  # to dlsweep alone, as `kill PID` would
+        assert proc.wait(timeout=20) == 0
+        deadline = time.monotonic() + 20
+        while server & set(live_processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not server & set(live_processes()), "server processes outlived dlsweep ui"
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        for pid in (server | descendants(proc.pid)) & set(live_processes()):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_ui_without_store_is_an_error(tmp_path):

@@ -39,8 +39,8 @@ def test_minimal_sweep_validates_and_plans(tmp_path):
 
 
 def test_overrides_are_yaml_and_create_keys(tmp_path):
-    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.seeds=[0,1,2]", "finetune.lr=3e-3", "asha.enabled=false"])
-    assert sweep.finetune.seeds == [0, 1, 2] and sweep.finetune.lr == 3e-3 and not sweep.asha.enabled
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.seeds=[0,1,2]", "finetune.weight_decay=3e-3", "asha.enabled=false"])
+    assert sweep.finetune.seeds == [0, 1, 2] and sweep.finetune.weight_decay == 3e-3 and not sweep.asha.enabled
 
 
 def test_smoke_shrinks_to_one_seed_two_budgets_one_sample(tmp_path):
@@ -52,6 +52,30 @@ def test_smoke_shrinks_to_one_seed_two_budgets_one_sample(tmp_path):
     assert S.plan(sweep)["total_trials"] == 1 + 2 * 2
 
 
+def test_smoke_leaves_a_searched_key_to_the_search(tmp_path):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.search.batch_size={choice: [32, 128]}"], smoke=True)
+    assert sweep.finetune.batch_size is None and sweep.finetune.eval_every == 40 // 3
+
+
+def test_smoke_keeps_set_values(tmp_path):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.samples=4", "finetune.seeds=[3, 4]"], smoke=True)
+    assert sweep.finetune.samples == 4 and sweep.finetune.seeds == [3, 4] and sweep.finetune.steps == [40]
+
+
+def test_yaml_merge_keys_may_override_what_they_merge(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("pretrain:\n  a: &a {objective: autoencoder, steps: 30}\n  b:\n    <<: *a\n    steps: 10\n"
+                    "finetune: {labels: [20], steps: [40]}\n")
+    sweep = S.load_sweep(path)
+    assert sweep.pretrain["b"].steps == 10 and sweep.pretrain["b"].objective == "autoencoder"
+
+
+def test_check_all_returns_the_data_set_it_checked(tmp_path, data_dir):
+    sweep = S.load_sweep(write(tmp_path, MINIMAL), [f"data.data_dir={data_dir}"])
+    ds = S.check_all(sweep, "study.yaml")
+    assert ds.name == "mnist" and ds.num_classes == 10
+
+
 def test_pretrain_keys_chain_and_change_with_config(tmp_path):
     raw = {**MINIMAL, "pretrain": {**MINIMAL["pretrain"], "dec": {"objective": "decode", "from": "ae", "steps": 10}}}
     a = S.pretrain_jobs(S.load_sweep(write(tmp_path, raw)))
@@ -59,7 +83,7 @@ def test_pretrain_keys_chain_and_change_with_config(tmp_path):
     assert a[("ae", 0)].key != a[("ae", 1)].key  # seeds differ
     assert a[("ae", 0)].key != b[("ae", 0)].key and a[("dec", 0)].key != b[("dec", 0)].key  # parent change propagates
     assert a[("dec", 0)].source == a[("ae", 0)].key
-    same = S.pretrain_jobs(S.load_sweep(write(tmp_path, raw), ["finetune.lr=0.5", "data.data_dir=/elsewhere"]))
+    same = S.pretrain_jobs(S.load_sweep(write(tmp_path, raw), ["finetune.weight_decay=0.5", "data.data_dir=/elsewhere"]))
     assert same[("ae", 0)].key == a[("ae", 0)].key  # fine-tune settings and data location are not part of it
 
 
@@ -109,6 +133,17 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         S.load_sweep(tmp_path / "nope.yaml")
     with pytest.raises(S.SpecError, match="KEY.PATH=VALUE"):
         S.load_sweep(write(tmp_path, MINIMAL), ["finetune.seeds"])
+
+
+def test_unreadable_sweep_file_is_one_line(tmp_path, monkeypatch):
+    path = write(tmp_path, MINIMAL)
+
+    def denied(self):  # what chmod 000 does to anyone but root, who runs these tests in CI containers
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(S.SpecError, match=r"study.yaml: cannot read it \(Permission denied\)$"):
+        S.load_sweep(path)
 
 
 def test_impossible_budget_fails_against_the_real_pool(tmp_path, mnist):
