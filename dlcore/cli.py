@@ -72,11 +72,18 @@ def run(
                           console=console)
     except (SpecError, DataError, RunError) as e:
         fail(str(e))
-    if state["status"] != "finished":
-        where = "" if store == Path("mlflow_runs") else f" --store {store}"
-        err.print(f"interrupted; continue with: dlsweep run {sweep_file} --resume{where}", highlight=False, soft_wrap=True)
+    where = "" if store == Path("mlflow_runs") else f" --store {store}"
+    again = f"dlsweep run {sweep_file} --resume{where}"
+    s = state["summary"]
+    counts = ", ".join(f"{s[k]} {k.replace('_', ' ')}" for k in ("completed", "stopped_early", "diverged", "failed", "blocked") if s[k])
+    if state["status"] == "interrupted":
+        err.print(f"interrupted ({counts or 'no trial finished'}); continue with: {again}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
-    console.print(f"[bold green]done[/]: experiment '{sweep.tracking.experiment or sweep.name}', parent run "
+    if state["status"] == "failed":
+        blocked = f"; blocked: arms {', '.join(s['blocked_arms'])} (stage {', '.join(s['blocked_stages'])} failed or diverged)" if s["blocked"] else ""
+        err.print(f"[bold red]not done[/]: {counts}{blocked}; rerun failed trials with: {again}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[bold green]done[/] ({counts}): experiment '{sweep.tracking.experiment or sweep.name}', parent run "
                   f"{state['parent_run_id']}; see it with: dlsweep ui", highlight=False, soft_wrap=True)
 
 

@@ -8,12 +8,16 @@ the searched hyperparameters and ASHA stops weak trials against the others of th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
+import socket
+import sys
 import tempfile
+import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +36,14 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
+from . import cache, tracking  # noqa: E402
 from . import data as D  # noqa: E402
-from . import tracking  # noqa: E402
-from .spec import Job, Sweep, check_budgets, check_jobs, finetune_cells, pretrain_jobs  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
+from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
+from .train import DIVERGED_ABOVE, TrainConfig, train  # noqa: E402
 
 
 class RunError(RuntimeError):
@@ -57,27 +62,38 @@ def run_trial(config: dict, data: dict) -> None:
         def report(metrics: dict, checkpoint_dir: str | None) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-        train(cfg, report, D.Dataset.from_numpy(data))
+        final = train(cfg, report, D.Dataset.from_numpy(data))
+        if job.get("cache") and "diverged_step" not in final:
+            # A pretraining stage caches itself before it ends, so that the stages and cells that
+            # start from it find it the moment the driver hears it finished.
+            cache.write(Path(job["cache"]), job["key"], Path(out) / "checkpoint", job, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
-# ---- search and scheduling over grid cells -----------------------------------------------
+# ---- search and scheduling: one study, pretraining stages and grid cells together --------
 
 
-class GridSearch(Searcher):
-    """Enumerates grid cells; within each, an OptunaSearch samples ``space`` ``samples`` times.
+class StudySearch(Searcher):
+    """Hands out the study's trials: pretraining stages first, then grid cells; within each cell an
+    OptunaSearch samples ``space`` as many times as that cell's entry in ``samples``.
 
-    Cells are visited breadth first (every cell's first sample, then every cell's second, ...),
-    so a partial sweep already covers the whole grid.
+    Tune has no trial dependencies (ray-project/ray#23654), so they live here: a job that starts
+    from a stage is held back until that stage's cache entry is whole, and jobs whose stage failed
+    or diverged stay held (blocked) while everything else runs. Cells are visited breadth first
+    (every cell's first sample, then every cell's second, ...), so a partial sweep already covers
+    the whole grid.
     """
 
-    def __init__(self, jobs: list[dict], space: dict, samples: int, metric: str, mode: str, seed: int = 0):
+    def __init__(self, stages: list[dict], cells: list[dict], space: dict, samples: list[int], metric: str, mode: str,
+                 cache_dir: str, ready: set[str], seed: int = 0):
         super().__init__(metric=metric, mode=mode)
-        self.jobs, self.space, self.seed = jobs, space, seed
-        self.queue = [i for _ in range(samples) for i in range(len(jobs))]
+        self.stages, self.cells, self.space, self.seed = stages, cells, space, seed
+        self.cache_dir, self.ready, self.failed = cache_dir, set(ready), set()
+        self.queue = [("stage", i) for i in range(len(stages))]
+        self.queue += [("cell", i) for r in range(max(samples, default=0)) for i, n in enumerate(samples) if r < n]
         self.optuna: dict[int, OptunaSearch] = {}
-        self.trial_cell: dict[str, int] = {}
+        self.live: dict[str, tuple[str, int]] = {}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
@@ -91,22 +107,53 @@ class GridSearch(Searcher):
             self.optuna[cell] = OptunaSearch(self.space, metric=self.metric, mode=self.mode, sampler=sampler)
         return self.optuna[cell]
 
+    def _job(self, item: tuple[str, int]) -> dict:
+        kind, i = item
+        return self.stages[i] if kind == "stage" else self.cells[i]
+
+    def _runnable(self, item: tuple[str, int]) -> bool:
+        source = self._job(item).get("source")
+        if source is None or source in self.ready:
+            return True
+        if cache.problem(Path(self.cache_dir), source) is None:  # also a stage rerun after it failed
+            self.ready.add(source)
+            self.failed.discard(source)
+            return True
+        return False
+
+    @property
+    def blocked(self) -> list[dict]:
+        """Jobs held back because the stage they start from failed or diverged."""
+        return [self._job(item) for item in self.queue if self._job(item).get("source") in self.failed]
+
     def suggest(self, trial_id: str):
-        if not self.queue:
-            return Searcher.FINISHED
-        cell = self.queue.pop(0)
-        self.trial_cell[trial_id] = cell
-        job = json.loads(json.dumps(self.jobs[cell]))
-        if self.space:
-            job["train"].update(self._searcher(cell).suggest(trial_id))
+        item = next((it for it in self.queue if self._runnable(it)), None)
+        if item is None:
+            waiting = any(self._job(it)["source"] not in self.failed for it in self.queue)
+            return None if self.queue and (self.live or waiting) else Searcher.FINISHED
+        self.queue.remove(item)
+        self.live[trial_id] = item
+        job = json.loads(json.dumps(self._job(item)))
+        if item[0] == "cell" and self.space:
+            job["train"].update(self._searcher(item[1]).suggest(trial_id))
         return {"job": job}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-        cell = self.trial_cell.pop(trial_id, None)
-        if cell is not None and self.space:
+        item = self.live.pop(trial_id, None)
+        if item is None:
+            return
+        kind, i = item
+        if kind == "stage":
+            key = self.stages[i]["key"]
+            if not error and cache.problem(Path(self.cache_dir), key) is None:
+                self.ready.add(key)
+                self.failed.discard(key)
+            else:
+                self.failed.add(key)
+        elif self.space:
             if result and f"best_{self.metric}" in result:  # a finished trial is worth its best validation value
                 result = {**result, self.metric: result[f"best_{self.metric}"]}
-            self._searcher(cell).on_trial_complete(trial_id, result, error)
+            self._searcher(i).on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -130,8 +177,12 @@ class CellASHA(TrialScheduler):
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
 
-    def _asha(self, trial) -> AsyncHyperBandScheduler:
-        cell = trial.config["job"]["tags"]["cell"]
+    def _asha(self, trial) -> TrialScheduler:
+        """The trial's cell's ASHA; pretraining stages, alone in their cell, are never cut."""
+        tags = trial.config["job"]["tags"]
+        if tags["stage"] != "finetune":
+            return self.fifo
+        cell = tags["cell"]
         if cell not in self.cells:
             max_t = trial.config["job"]["train"]["steps"]
             # stop_last_trials=False: a trial at its last evaluation still owes the final test report.
@@ -168,6 +219,7 @@ class CellASHA(TrialScheduler):
 
 # The live display of this process; callbacks restored by Tuner.restore find it here.
 DISPLAY: dict = {}
+COLORS = {"completed": "green", "stopped_early": "yellow", "diverged": "magenta", "failed": "red", "interrupted": "red"}
 
 
 class ProgressCallback(tune.Callback):
@@ -185,43 +237,47 @@ class ProgressCallback(tune.Callback):
 
     def _update(self):
         c = self.counts
-        text = f"running {c['running']}  done {c['completed']}  stopped {c['stopped_early']}  failed {c['failed']}"
+        text = "  ".join(f"{k} {c[k]}" for k in ("running", "completed", "stopped_early", "diverged", "failed") if c[k] or k == "running")
         DISPLAY["progress"].update(DISPLAY["task"], completed=self.finished, status=text)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.counts["running"] += 1
         self._update()
 
-    def _finish(self, trial, outcome: str):
+    def _finish(self, trial, result: str, reason: str = ""):
         self.counts["running"] -= 1
-        self.counts[outcome] += 1
+        self.counts[result] += 1
         tags = trial.config["job"]["tags"]
-        name = tags.get("cell") or f"{tags['stage']} seed={tags.get('seed')}"
+        name = tracking.short_name(tags)
         last = trial.last_result or {}
         metric = TrainConfig(**trial.config["job"]["train"]).metric
         value = last.get(f"best_{metric}", last.get(metric))
-        line = f"[{'green' if outcome == 'completed' else 'yellow' if outcome == 'stopped_early' else 'red'}]{outcome:13}[/] {name}"
-        if value is not None:
+        line = f"[{COLORS[result]}]{result:13}[/] {name}"
+        if result == "diverged":
+            line += f"  loss not finite (or > {DIVERGED_ABOVE:g}) at step {last.get('diverged_step')}"
+        elif value is not None:
             cell = tags.get("cell", name)
             better = max if metric.endswith("acc") else min
             self.best[cell] = value if cell not in self.best else better(self.best[cell], value)
             line += f"  {metric} {value:.4f}  (cell best {self.best[cell]:.4f})"
-        if "test_acc" in last:
+        if result == "completed" and "test_acc" in last:
             line += f"  test_acc {last['test_acc']:.4f}"
-        elif "test_loss" in last:
+        elif result == "completed" and "test_loss" in last:
             line += f"  test_loss {last['test_loss']:.4f}"
+        if reason:
+            line += f"  {reason}"
         DISPLAY["progress"].console.print(line, highlight=False, soft_wrap=True)
         self._update()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, tracking.outcome(trial))
+        self._finish(trial, tracking.outcome(trial.last_result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "failed")
+        self._finish(trial, "failed", tracking.error_line(trial))
 
     @property
     def finished(self) -> int:
-        return self.counts["completed"] + self.counts["stopped_early"] + self.counts["failed"]
+        return sum(self.counts[k] for k in tracking.OUTCOMES)
 
 
 # ---- the sweep --------------------------------------------------------------------------------
@@ -248,6 +304,9 @@ class Paths:
     def state(self, name: str) -> Path:
         return self.root / "sweeps" / name / "state.json"
 
+    def outbox(self, name: str) -> Path:
+        return self.root / "sweeps" / name / "outbox.json"
+
 
 def _storage(paths: Paths, state: dict) -> Path:
     """Ray Tune's experiment folders for one sweep invocation."""
@@ -269,82 +328,10 @@ def _job_config(job: Job, paths: Paths, threads: int) -> dict:
     train = dict(job.train, threads=threads)
     if job.source:
         train["init_encoder"] = str(paths.cache / job.source / "encoder.pt")
-    return {"train": train, "tags": job.tags, "key": job.key}
-
-
-def _levels(sweep: Sweep, jobs: dict) -> list[list[Job]]:
-    depth: dict[str, int] = {}
-    for name in sweep.stage_order():
-        src = sweep.pretrain[name].from_
-        depth[name] = depth[src] + 1 if src else 0
-    levels: dict[int, list[Job]] = defaultdict(list)
-    for (name, _), job in jobs.items():
-        levels[depth[name]].append(job)
-    return [levels[d] for d in sorted(levels)]
-
-
-def _fit(tuner: tune.Tuner, console: Console, label: str, total: int, done: int = 0):
-    """Run the tuner under a live bar. Whether it finished is judged by the caller: after Ctrl-C,
-    Tune reports the trials it stopped as terminated."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
-    DISPLAY.update(progress=progress, task=progress.add_task(label, total=total, completed=done, status=""))
-    with progress:
-        return tuner.fit()
-
-
-def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, console: Console | None = None) -> dict:
-    """Run (or resume) a sweep; returns its state dict. Raises SpecError/DataError/RunError."""
-    console = console or Console()
-    paths = Paths(Path(root).resolve())
-    state_path = paths.state(sweep.name)
-    if resume:
-        if not state_path.exists():
-            raise RunError(f"{source}: nothing to resume: {sweep.name} has never run under {paths.root}")
-        state = json.loads(state_path.read_text())
-        if state["status"] == "finished":
-            raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
-        sweep = Sweep.model_validate(state["spec"])
-        tracking_uri = state["tracking_uri"]
-        console.print(f"resuming {sweep.name} (run {state['stamp']})")
-    check_jobs(sweep, source)
-    ds = D.load_dataset(sweep.data.dataset, sweep.data.data_dir)
-    check_budgets(sweep, ds, source)
-
-    uri = tracking_uri or sweep.tracking.uri or tracking.default_uri(paths.root)
-    experiment = sweep.tracking.experiment or sweep.name
-    experiment_id = tracking.ensure_experiment(uri, experiment, paths.artifacts)
-    if not resume:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(mode="json", by_alias=True),
-                                       {"sweep": sweep.name, "source": source, "stamp": stamp})
-        state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
-                 "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "status": "running"}
-    state["status"] = "running"
-    _write_state(state_path, state)
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", configure_logging=True)
-    resources = fit_resources({"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}, console)
-    threads = max(1, int(resources["cpu"]))
-    data = ds.to_numpy()
-    try:
-        ok = _run_pretraining(sweep, paths, state, uri, data, resources, threads, console)
-        if ok and sweep.finetune:
-            ok = _run_finetune(sweep, paths, state, uri, data, resources, threads, console, resume)
-    except KeyboardInterrupt:
-        ok = False
-    except BaseException:
-        state["status"] = "interrupted"
-        _write_state(state_path, state)
-        tracking.finish_parent(uri, state["parent_run_id"], "FAILED")
-        raise
-    state["status"] = "finished" if ok else "interrupted"
-    _write_state(state_path, state)
-    tracking.finish_parent(uri, state["parent_run_id"], "FINISHED" if ok else "KILLED")
-    return state
+    config = {"train": train, "tags": job.tags, "key": job.key, "source": job.source}
+    if job.stage != "finetune":
+        config["cache"] = str(paths.cache)
+    return config
 
 
 def fit_resources(resources: dict, console: Console) -> dict:
@@ -366,71 +353,274 @@ def fit_resources(resources: dict, console: Console) -> dict:
     return fitted
 
 
-def _run_pretraining(sweep, paths, state, uri, data, resources, threads, console) -> bool:
-    jobs = pretrain_jobs(sweep)
-    for level, level_jobs in enumerate(_levels(sweep, jobs)):
-        todo = []
-        for job in level_jobs:
-            if (paths.cache / job.key / "encoder.pt").exists():
-                console.print(f"pretrain [bold]{job.stage}[/] seed {job.tags['seed']}: reusing cached encoder {job.key}",
-                              highlight=False)
-            else:
-                todo.append(job)
-        if not todo:
-            continue
-        console.print(f"pretrain: {len(todo)} run(s) of {sorted({j.stage for j in todo})}", highlight=False)
-        mlflow_cb = tracking.MlflowCallback(uri, state["experiment_id"], state["parent_run_id"])
-        tuner = tune.Tuner(
-            _trainable(data, resources),
-            param_space={"job": tune.grid_search([_job_config(j, paths, threads) for j in todo])},
-            tune_config=tune.TuneConfig(reuse_actors=True),
-            run_config=tune.RunConfig(name=f"pretrain-{level}", storage_path=str(_storage(paths, state)),
-                                      callbacks=[mlflow_cb, ProgressCallback()], verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-        )
-        results = _fit(tuner, console, "pretrain", len(todo))
-        for result in results:
-            key = result.config["job"]["key"]
-            if result.error is None and result.checkpoint is not None and "test_loss" in (result.metrics or {}):
-                tmp = paths.cache / f".{key}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(result.checkpoint.path, tmp)
-                (tmp / "job.json").write_text(json.dumps(result.config["job"], indent=1))
-                tmp.replace(paths.cache / key)
-        failed = [r for r in results if r.error is not None]
-        if failed:
-            raise RunError(f"pretraining failed: {failed[0].config['job']['tags']['stage']}: {str(failed[0].error).splitlines()[-1]}")
-        if any(not (paths.cache / j.key / "encoder.pt").exists() for j in todo):
-            return False  # interrupted: the unfinished stages run again on --resume
-    return True
+def _cached_stages(jobs: list[Job], paths: Paths, console: Console) -> set[str]:
+    """Keys of the stages whose cache entry verifies; a damaged entry is removed, to be rebuilt."""
+    ready = set()
+    for job in jobs:
+        why = cache.problem(paths.cache, job.key)
+        where = f"pretrain [bold]{job.stage}[/] seed {job.tags['seed']}"
+        if why is None:
+            console.print(f"{where}: reusing cached encoder {job.key}", highlight=False, soft_wrap=True)
+            ready.add(job.key)
+        elif why != "missing":
+            console.print(f"[yellow]{where}: cached entry {job.key} is damaged ({why}); rebuilding it[/]", highlight=False,
+                          soft_wrap=True)
+            cache.remove(paths.cache, job.key)
+    return ready
 
 
-def _run_finetune(sweep, paths, state, uri, data, resources, threads, console, resume) -> bool:
-    ft = sweep.finetune
-    cells = finetune_cells(sweep)
-    total = len(cells) * ft.samples
-    path = _storage(paths, state) / "finetune"
-    trainable = _trainable(data, resources)
-    done = 0
-    if resume and tune.Tuner.can_restore(str(path)):
-        # Finished trials stay finished; the searcher, ASHA and both callbacks come back from disk.
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        done = tracking.count_ended(uri, state["experiment_id"], state["parent_run_id"], "finetune")
-        console.print(f"finetune: {done} of {total} trials already finished", highlight=False)
+class RayWatch(threading.Thread):
+    """Watches the Ray cluster's GCS from the driver. If it goes away, Ray's core worker ends the
+    process without a word after a minute; this says what happened first, saves the sweep's state
+    as interrupted and exits with 1."""
+
+    def __init__(self, on_loss, period_s: float = 2.0, misses: int = 3):
+        super().__init__(daemon=True, name="dlsweep-raywatch")
+        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+        self.addr, self.on_loss, self.period_s, self.misses = (host, int(port)), on_loss, period_s, misses
+        self.stopped = threading.Event()
+
+    def run(self):
+        missed = 0
+        while not self.stopped.wait(self.period_s):
+            try:
+                socket.create_connection(self.addr, timeout=self.period_s).close()
+                missed = 0
+            except OSError:
+                missed += 1
+                if missed >= self.misses and not self.stopped.is_set():
+                    self.on_loss(f"{self.addr[0]}:{self.addr[1]}")
+                    os._exit(1)
+
+
+def _quiet_tune() -> None:
+    """Tune logs every failed trial's traceback; dlsweep prints its one-line reason instead, and the
+    whole traceback is in the trial's MLflow run (error.txt)."""
+    for name in ("ray.tune", "ray.air", "ray.train"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _start_ray(address: str | None, console: Console) -> None:
+    """Join ``address`` (or RAY_ADDRESS) if given; otherwise start a private local Ray that never
+    joins a cluster already running on this machine (another user's, another test's)."""
+    _quiet_tune()
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             configure_logging=True)
+
+
+def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
+              resume: bool = False, console: Console | None = None) -> dict:
+    """Run (or resume) a sweep; returns its state dict, whose ``status`` is finished, failed (some
+    trials failed or were blocked) or interrupted. Raises SpecError/DataError/RunError."""
+    console = console or Console()
+    paths = Paths(Path(root).resolve())
+    state_path = paths.state(sweep.name)
+    if resume:
+        if not state_path.exists():
+            raise RunError(f"{source}: nothing to resume: {sweep.name} has never run under {paths.root}")
+        state = json.loads(state_path.read_text())
+        if state["status"] == "finished":
+            raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
+        try:
+            sweep = Sweep.model_validate(state["spec"])
+        except ValidationError as e:  # saved by an older dlsweep whose rules were looser
+            raise SpecError(format_validation_error(f"{state_path} (saved spec)", e)) from None
+        tracking_uri = state["tracking_uri"]
+    ds = check_all(sweep, source)
+
+    uri = tracking_uri or sweep.tracking.uri or tracking.default_uri(paths.root)
+    trouble = tracking.probe(uri)
+    if trouble:
+        raise RunError(trouble)
+    experiment = sweep.tracking.experiment or sweep.name
+    experiment_id = tracking.ensure_experiment(uri, experiment, paths.artifacts)
+    if resume:
+        console.print(f"resuming {sweep.name} (run {state['stamp']})")
+        outbox = tracking.Outbox(uri, paths.outbox(sweep.name))
+        if outbox.pending:
+            sent = len(outbox.pending)
+            outbox.flush()
+            console.print(f"sent {sent - len(outbox.pending)} MLflow record(s) the last run could not", highlight=False)
+        dangling = tracking.end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
+        if dangling:
+            console.print(f"{dangling} run(s) left running by the interrupted driver marked KILLED (outcome interrupted)",
+                          highlight=False)
     else:
-        space = {k: d.to_tune() for k, d in ft.search.items()}
-        searcher = GridSearch([_job_config(c, paths, threads) for c in cells], space, ft.samples, sweep.metric, sweep.mode)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(mode="json", by_alias=True),
+                                       {"sweep": sweep.name, "source": source, "stamp": stamp})
+        state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
+                 "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": []}
+    state["status"] = "running"
+    _write_state(state_path, state)
+
+    def on_ray_loss(where: str) -> None:
+        state["status"] = "interrupted"
+        _write_state(state_path, state)
+        hint = f"dlsweep run {source} --resume"
+        print(f"error: the Ray cluster at {where} went away mid-sweep; state saved; once Ray is back, continue with: {hint}",
+              file=sys.stderr, flush=True)
+
+    _start_ray(address, console)
+    watch = RayWatch(on_ray_loss)
+    watch.start()
+    resources = fit_resources({"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}, console)
+    threads = max(1, int(resources["cpu"]))
+    study = Study(sweep, paths, state, uri, ds.to_numpy(), resources, threads, console)
+    interrupted = False
+    try:
+        study.run(resume)
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException:
+        watch.stopped.set()
+        state["status"] = "interrupted"
+        _write_state(state_path, state)
+        tracking.finish_parent(uri, state["parent_run_id"], "FAILED")
+        raise
+    finally:
+        watch.stopped.set()
+    summary = study.summary()
+    interrupted = interrupted or study.tracking_lost or summary["unfinished"] > 0
+    state["summary"] = summary
+    state["status"] = "interrupted" if interrupted else "failed" if summary["failed"] or summary["blocked"] else "finished"
+    _write_state(state_path, state)
+    _finish_parent(uri, state, summary, console)
+    return state
+
+
+def _finish_parent(uri: str, state: dict, summary: dict, console: Console) -> None:
+    """End the parent run with the counts; runs a killed trial left open end as KILLED."""
+    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[state["status"]]
+    metrics = {f"trials_{k}": summary[k] for k in (*tracking.OUTCOMES, "blocked")}
+    try:
+        tracking.end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
+        tracking.finish_parent(uri, state["parent_run_id"], status, {"blocked": json.dumps(summary["blocked_arms"])}, metrics)
+    except Exception as e:  # noqa: BLE001 -- the tracking server may be the reason we stopped
+        console.print(f"[yellow]could not close the sweep's MLflow run ({str(e).splitlines()[0][:200]}); "
+                      f"--resume will[/]", highlight=False)
+
+
+class Study:
+    """One sweep invocation's trials on Tune. A first tuner runs every stage and cell; on resume the
+    last tuner is restored (failed and unfinished trials run again), then one more tuner runs what
+    is still owed: trials stopped by an interrupt, and cells a failed stage held back until a rerun
+    cached it."""
+
+    def __init__(self, sweep: Sweep, paths: Paths, state: dict, uri: str, data: dict, resources: dict, threads: int,
+                 console: Console):
+        self.sweep, self.paths, self.state, self.uri, self.console = sweep, paths, state, uri, console
+        self.trainable = _trainable(data, resources)
+        self.threads = threads
+        self.stages = list(pretrain_jobs(sweep).values())
+        self.cells = finetune_cells(sweep)
+        self.samples = sweep.finetune.samples if sweep.finetune else 0
+        self.results: dict[str, list] = {}  # tuner name -> its results (tune.Result)
+        self.tracking_lost = False
+
+    @property
+    def storage(self) -> Path:
+        return _storage(self.paths, self.state)
+
+    def _tuner(self, name: str, stages: list[Job], cells: list[tuple[Job, int]], ready: set[str]) -> tune.Tuner:
+        sweep = self.sweep
+        space = {k: d.to_tune() for k, d in sweep.finetune.search.items()} if sweep.finetune else {}
+        searcher = StudySearch([_job_config(j, self.paths, self.threads) for j in stages],
+                               [_job_config(c, self.paths, self.threads) for c, _ in cells], space, [n for _, n in cells],
+                               sweep.metric, sweep.mode, str(self.paths.cache), ready)
         scheduler = (CellASHA(sweep.metric, sweep.mode, sweep.asha.grace_period, sweep.asha.reduction_factor)
                      if sweep.asha.enabled else FIFOScheduler())
-        mlflow_cb = tracking.MlflowCallback(uri, state["experiment_id"], state["parent_run_id"])
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total, reuse_actors=True),
-            run_config=tune.RunConfig(name="finetune", storage_path=str(path.parent), callbacks=[mlflow_cb, ProgressCallback()],
-                                      verbose=0,
+        mlflow_cb = tracking.MlflowCallback(self.uri, self.state["experiment_id"], self.state["parent_run_id"],
+                                            self.paths.outbox(self.state["name"]))
+        return tune.Tuner(
+            self.trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=len(stages) + sum(n for _, n in cells), reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(self.storage), callbacks=[mlflow_cb, ProgressCallback()],
+                                      stop=tracking.TrackingStopper(mlflow_cb), verbose=0,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
-    console.print(f"finetune: {len(cells)} grid cells x {ft.samples} sample(s) = {total} trials", highlight=False)
-    _fit(tuner, console, "finetune", total, done)
-    ended = tracking.count_ended(uri, state["experiment_id"], state["parent_run_id"], "finetune")
-    return ended >= total
+
+    def _fit(self, name: str, tuner: tune.Tuner, total: int) -> None:
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console)
+        DISPLAY.update(progress=progress, task=progress.add_task(self.sweep.name, total=total, completed=0, status=""))
+        with progress:
+            grid = tuner.fit()
+        self.results[name] = list(grid)
+        outbox = tracking.Outbox(self.uri, self.paths.outbox(self.state["name"]))  # what the callback could not send
+        if not outbox.flush():
+            self.tracking_lost = True
+            self.console.print(f"[red]the tracking server {self.uri} has been unreachable for over "
+                               f"{outbox.patience_s:.0f} s ({outbox.last_error}); {len(outbox.pending)} record(s) kept "
+                               f"for --resume[/]", highlight=False, soft_wrap=True)
+
+    def _restore(self, name: str) -> tune.Tuner:
+        return tune.Tuner.restore(str(self.storage / name), self.trainable, resume_unfinished=True, resume_errored=True)
+
+    def run(self, resume: bool) -> None:
+        tuners = self.state["tuners"]
+        if resume and tuners and tune.Tuner.can_restore(str(self.storage / tuners[-1])):
+            for name in tuners[:-1]:
+                self.results[name] = list(self._restore(name).get_results())
+            self.console.print(f"{tuners[-1]}: continuing; failed and unfinished trials run again", highlight=False)
+            restored = self._restore(tuners[-1])
+            self._fit(tuners[-1], restored, len(restored.get_results()))
+            if self.tracking_lost:
+                return
+            stages, cells, _ = self.owed()
+            if not stages and not cells:
+                return
+            tracking.delete_interrupted_runs(self.uri, self.state["experiment_id"], self.state["parent_run_id"])
+            self.console.print(f"still owed: {len(stages)} pretraining run(s) and {sum(n for _, n in cells)} trial(s) of "
+                               f"{len(cells)} cell(s) (interrupted, or held back by a stage that has now run)", highlight=False)
+        else:
+            ready = _cached_stages(self.stages, self.paths, self.console)
+            stages, cells = [j for j in self.stages if j.key not in ready], [(c, self.samples) for c in self.cells]
+        name = f"study-{len(tuners)}"
+        tuners.append(name)
+        _write_state(self.paths.state(self.state["name"]), self.state)
+        total = len(stages) + sum(n for _, n in cells)
+        self.console.print(f"{name}: {len(stages)} pretraining run(s), {len(cells)} grid cells, {total} trials", highlight=False)
+        self._fit(name, self._tuner(name, stages, cells, self._ready()), total)
+
+    def _ready(self) -> set[str]:
+        return {j.key for j in self.stages if cache.problem(self.paths.cache, j.key) is None}
+
+    def _ended(self) -> Counter:
+        """Per stage or cell key: trials that ended for good (any outcome but interrupted)."""
+        ended = Counter()
+        for rs in self.results.values():
+            for r in rs:
+                if r.config and tracking.outcome(r.metrics, errored=r.error is not None) != "interrupted":
+                    ended[r.config["job"]["key"]] += 1
+        return ended
+
+    def owed(self) -> tuple[list[Job], list[tuple[Job, int]], list[tuple[Job, int]]]:
+        """What this invocation still owes: stages to (re)run, cells with their missing trials that
+        can run, and cells held back because their stage failed or diverged."""
+        ready, ended = self._ready(), self._ended()
+        stages = [j for j in self.stages if j.key not in ready and not ended[j.key]]
+        pending = {j.key for j in stages}
+        runnable, blocked = [], []
+        for c in self.cells:
+            n = self.samples - ended[c.key]
+            if n > 0:
+                (runnable if c.source is None or c.source in ready or c.source in pending else blocked).append((c, n))
+        return stages, runnable, blocked
+
+    def summary(self) -> dict:
+        """Counts of trials by outcome, blocked trials (their stage failed or diverged) and unfinished ones."""
+        counts = Counter()
+        for rs in self.results.values():
+            for r in rs:
+                counts[tracking.outcome(r.metrics, errored=r.error is not None)] += 1
+        stages, runnable, blocked = self.owed()
+        stage_of = {j.key: j.stage for j in self.stages}
+        return {**{k: counts[k] for k in tracking.OUTCOMES}, "blocked": sum(n for _, n in blocked),
+                "blocked_arms": sorted({c.tags["arm"] for c, _ in blocked}),
+                "blocked_stages": sorted({stage_of[c.source] for c, _ in blocked}),
+                "unfinished": len(stages) + sum(n for _, n in runnable)}

@@ -12,9 +12,17 @@ import math
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# A request to a tracking server that went away fails within seconds instead of retrying for
+# minutes; the Outbox below does the retrying, without blocking the sweep.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per ended run
 
 import torch  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
@@ -71,7 +79,7 @@ def start_parent(uri: str, experiment_id: str, name: str, spec: dict, tags: dict
 
 
 def numeric_metrics(result: dict) -> dict:
-    keys = ("train_", "val_", "test_", "best_", "samples_per_s", "wall_s", "train_size")
+    keys = ("train_", "val_", "test_", "best_", "samples_per_s", "wall_s", "train_size", "diverged_step")
     return {k: float(v) for k, v in result.items() if k.startswith(keys) and isinstance(v, (int, float))
             and not isinstance(v, bool) and v is not None and math.isfinite(v)}
 
@@ -84,18 +92,62 @@ def metric_history(client: MlflowClient, run_id: str, keys=CURVE_METRICS) -> dic
     return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
 
 
-def outcome(trial) -> str:
-    """How an ended trial ended: only a trial that ran to its end sent the final test report."""
-    return "completed" if "test_loss" in (trial.last_result or {}) else "stopped_early"
+OUTCOMES = ("completed", "stopped_early", "diverged", "failed", "interrupted")
 
 
-class MlflowCallback(tune.Callback):
-    """Logs every trial as a child run of the sweep's parent run; restarts replace, never duplicate."""
+def outcome(last_result: dict | None, errored: bool = False) -> str:
+    """How a trial ended, from its last result: only a trial that ran to its end sent test metrics;
+    a diverged one sent ``diverged_step``; one stopped by ASHA got ``done`` without test metrics;
+    anything else (Ctrl-C, a kill, a lost tracking server) was interrupted."""
+    last = last_result or {}
+    if errored:
+        return "failed"
+    if "diverged_step" in last:
+        return "diverged"
+    if "test_loss" in last:
+        return "completed"
+    return "stopped_early" if last.get("done") else "interrupted"
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str):
-        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.runs: dict[str, str] = {}  # trial_id -> run_id
+
+def error_line(trial) -> str:
+    """The last line of a failed trial's traceback: its one-line reason."""
+    text = ""
+    if trial.error_file and Path(trial.error_file).exists():
+        text = Path(trial.error_file).read_text(errors="replace")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else "unknown error"
+
+
+class Outbox:
+    """MLflow writes of the driver, done in order. A write that fails (the tracking server went
+    away) waits with everything after it and is retried with backoff; the queue lives in a JSON file
+    so that a driver that stops (or is killed) before the server is back loses nothing: the next
+    ``--resume`` sends it. ``gave_up`` turns true once the server has been away for ``patience_s``."""
+
+    def __init__(self, uri: str, path: Path, patience_s: float | None = None):
+        self.uri, self.path = uri, Path(path)
+        self.patience_s = patience_s if patience_s is not None else float(os.environ.get("DLSWEEP_TRACKING_PATIENCE_S", 600))
+        self.pending: list = []
+        self.runs: dict[str, str] = {}  # trial_id -> MLflow run id
+        self.down_since: float | None = None
+        self.next_try = 0.0
+        self.last_error = ""
         self._client = None
+        self._load()
+
+    def _load(self) -> None:
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            self.pending, self.runs = saved["pending"], {**self.runs, **saved["runs"]}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
+
+    def __setstate__(self, state):
+        # A callback restored by Tuner.restore comes from a pickle taken when the sweep began:
+        # what was queued since lives in the file.
+        self.__dict__.update(state)
+        self._load()
 
     @property
     def client(self) -> MlflowClient:
@@ -103,83 +155,185 @@ class MlflowCallback(tune.Callback):
             self._client = MlflowClient(self.uri)
         return self._client
 
-    def __getstate__(self):
-        return {**self.__dict__, "_client": None}
+    @property
+    def gave_up(self) -> bool:
+        return self.down_since is not None and time.time() - self.down_since > self.patience_s
 
-    def get_state(self):
-        return {"runs": self.runs}
+    def put(self, op: str, trial_id: str, *args) -> None:
+        self.pending.append([op, trial_id, *args])
+        self.flush()
 
-    def set_state(self, state):
-        self.runs = state["runs"]
+    def flush(self, wait: bool = False) -> bool:
+        """Send what is queued; True when nothing is left. ``wait``: keep retrying until sent or given up."""
+        while True:
+            if time.time() >= self.next_try:
+                self._send()
+            if not self.pending or not wait or self.gave_up:
+                self._save()
+                return not self.pending
+            time.sleep(max(0.0, min(self.next_try - time.time(), 5.0)))
 
-    def _existing(self, trial_id: str) -> list[str]:
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG}trial_id` = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'",
-        )
-        return [r.info.run_id for r in found]
+    def _send(self) -> None:
+        while self.pending:
+            op, trial_id, *args = self.pending[0]
+            try:
+                getattr(self, "_" + op)(trial_id, *args)
+            except Exception as e:  # noqa: BLE001 -- connection errors surface as many types
+                now = time.time()
+                self.down_since = self.down_since or now
+                self.next_try = now + min(30.0, 2.0 ** min(5, int(now - self.down_since) // 10 + 1))
+                self.last_error = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                return
+            self.pending.pop(0)
+        self.down_since, self.next_try = None, 0.0
+
+    def _save(self) -> None:
+        if self.pending:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pending": self.pending, "runs": self.runs}))
+            tmp.replace(self.path)
+        elif self.path.exists():
+            self.path.unlink()
+
+    # ---- the operations -----------------------------------------------------------------
+
+    def _start(self, trial_id: str, experiment_id: str, parent_run_id: str, tags: dict, params: dict) -> None:
+        # A trial that starts again after a crash or kill logs afresh: its partial run is replaced.
+        old = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG}trial_id` = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
+        for r in old:
+            self.client.delete_run(r.info.run_id)
+        run = self.client.create_run(experiment_id, tags=tags)
+        self.runs[trial_id] = run.info.run_id
+        log_params(self.client, run.info.run_id, params)
+
+    def _metrics(self, trial_id: str, metrics: list) -> None:
+        self.client.log_batch(self.runs[trial_id], metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics])
+
+    def _end(self, trial_id: str, result: str, tags: dict, checkpoint: str | None, title: str, error_file: str | None) -> None:
+        run_id = self.runs[trial_id]
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        if result == "completed" or result == "stopped_early" or result == "diverged":
+            _log_artifacts(self.client, run_id, checkpoint, title)
+        if error_file and Path(error_file).exists():
+            self.client.log_artifact(run_id, error_file)
+        status = {"failed": "FAILED", "interrupted": "KILLED"}.get(result, "FINISHED")
+        self.client.set_terminated(run_id, status)
+
+
+def _log_artifacts(client: MlflowClient, run_id: str, checkpoint: str | None, title: str) -> None:
+    """Best checkpoint files, the loss-curve plot and, for autoencoders, the reconstruction grid."""
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        client.log_artifacts(run_id, checkpoint, "checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        history = metric_history(client, run_id)
+        plots.save(plots.loss_curves(history, title), Path(tmp) / "loss_curves.png")
+        samples = Path(checkpoint) / "samples.pt" if checkpoint is not None else None
+        if samples is not None and samples.exists():
+            grid = plots.reconstruction_grid(torch.load(samples, weights_only=True), title)
+            plots.save(grid, Path(tmp) / "reconstructions.png")
+        client.log_artifacts(run_id, tmp, "plots")
+
+
+def short_name(tags: dict) -> str:
+    return tags.get("cell") or f"{tags['stage']}/seed={tags.get('seed')}"
+
+
+class MlflowCallback(tune.Callback):
+    """Logs every trial as a child run of the sweep's parent run, through an ``Outbox``; restarts
+    replace, never duplicate."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, outbox_path: Path):
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.outbox = Outbox(uri, outbox_path)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        # A trial that starts again after a crash or kill logs afresh: drop its partial run.
-        for run_id in self._existing(trial.trial_id):
-            self.client.delete_run(run_id)
         job = trial.config["job"]
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TAG + "trial_id": trial.trial_id,
-                **{TAG + k: str(v) for k, v in job["tags"].items()}}
-        name = job["tags"].get("cell") or f"{job['tags']['stage']}/seed={job['tags'].get('seed')}"
-        tags[MLFLOW_RUN_NAME] = f"{name}#{trial.trial_id.split('_')[-1]}"
-        run = self.client.create_run(self.experiment_id, tags=tags)
-        self.runs[trial.trial_id] = run.info.run_id
-        log_params(self.client, run.info.run_id, {**job["train"], **{f"cell.{k}": v for k, v in job["tags"].items()}})
+                **{TAG + k: str(v) for k, v in job["tags"].items()},
+                MLFLOW_RUN_NAME: f"{short_name(job['tags'])}#{trial.trial_id.split('_')[-1]}"}
+        params = {**job["train"], **{f"cell.{k}": v for k, v in job["tags"].items()}}
+        self.outbox.put("start", trial.trial_id, self.experiment_id, self.parent_run_id, tags, params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
-            return
         ts, step = int(time.time() * 1000), int(result.get("step", 0))
-        metrics = [Metric(k, v, ts, step) for k, v in numeric_metrics(result).items()]
-        self.client.log_batch(run_id, metrics=metrics)
+        self.outbox.put("metrics", trial.trial_id, [[k, v, ts, step] for k, v in numeric_metrics(result).items()])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
-            return
-        self.client.set_tag(run_id, TAG + "outcome", outcome(trial))
-        self._log_artifacts(run_id, trial)
-        self.client.set_terminated(run_id, "FINISHED")
+        self._end(trial, outcome(trial.last_result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
-            return
-        self.client.set_tag(run_id, TAG + "outcome", "failed")
-        if trial.error_file and Path(trial.error_file).exists():
-            self.client.log_artifact(run_id, trial.error_file)
-        self.client.set_terminated(run_id, "FAILED")
+        self._end(trial, "failed", {TAG + "error": error_line(trial)}, trial.error_file)
 
-    def _log_artifacts(self, run_id: str, trial) -> None:
-        """Best checkpoint files, the loss-curve plot and, for autoencoders, the reconstruction grid."""
-        ckpt = trial.checkpoint
-        if ckpt is not None and Path(ckpt.path).is_dir():
-            self.client.log_artifacts(run_id, ckpt.path, "checkpoint")
-        with tempfile.TemporaryDirectory() as tmp:
-            history = metric_history(self.client, run_id)
-            title = trial.config["job"]["tags"].get("cell") or trial.config["job"]["tags"]["stage"]
-            plots.save(plots.loss_curves(history, title), Path(tmp) / "loss_curves.png")
-            samples = Path(ckpt.path) / "samples.pt" if ckpt is not None else None
-            if samples is not None and samples.exists():
-                grid = plots.reconstruction_grid(torch.load(samples, weights_only=True), title)
-                plots.save(grid, Path(tmp) / "reconstructions.png")
-            self.client.log_artifacts(run_id, tmp, "plots")
+    def _end(self, trial, result: str, tags: dict | None = None, error_file: str | None = None) -> None:
+        checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
+        tags = {TAG + "outcome": result, **(tags or {})}
+        self.outbox.put("end", trial.trial_id, result, tags, checkpoint, short_name(trial.config["job"]["tags"]), error_file)
+
+    def on_experiment_end(self, trials, **info):
+        self.outbox.flush(wait=True)
 
 
-def count_ended(uri: str, experiment_id: str, parent_run_id: str, stage: str) -> int:
-    """Trials of ``stage`` under the parent that ended: completed, stopped early or failed."""
-    runs = MlflowClient(uri).search_runs(
-        [experiment_id], max_results=50000,
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TAG}stage` = '{stage}'")
-    return sum(1 for r in runs if r.data.tags.get(TAG + "outcome") in ("completed", "stopped_early", "failed"))
+class TrackingStopper(tune.Stopper):
+    """Stops the whole sweep (as interrupted) once the tracking server has been away too long."""
+
+    def __init__(self, callback: MlflowCallback):
+        self.callback = callback
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        self.callback.outbox.flush()
+        return self.callback.outbox.gave_up
 
 
-def finish_parent(uri: str, run_id: str, status: str) -> None:
-    MlflowClient(uri).set_terminated(run_id, status)
+def end_dangling_runs(uri: str, experiment_id: str, parent_run_id: str) -> int:
+    """End every child run of the parent still marked RUNNING (its driver was interrupted or killed)
+    as KILLED with outcome ``interrupted``; returns how many there were."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment_id], max_results=50000,
+                              filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_tag(r.info.run_id, TAG + "outcome", "interrupted")
+        client.set_terminated(r.info.run_id, "KILLED")
+    return len(runs)
+
+
+def delete_interrupted_runs(uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """Delete the runs of interrupted trials whose cells are about to run again (no duplicates)."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment_id], max_results=50000,
+                              filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TAG}outcome` = 'interrupted'")
+    for r in runs:
+        client.delete_run(r.info.run_id)
+
+
+def probe(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the tracking store at ``uri`` cannot be used (one line), or None. Only HTTP servers are
+    probed: a local sqlite store is created on first use."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return None
+            return f"tracking server {uri} answered /health with HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"tracking server {uri} answered /health with HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"tracking server {uri} does not answer ({reason}); start it, or drop --tracking-uri to log locally"
+
+
+def finish_parent(uri: str, run_id: str, status: str, tags: dict | None = None, metrics: dict | None = None) -> None:
+    client = MlflowClient(uri)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, TAG + k, v)
+    if metrics:
+        ts = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+    client.set_terminated(run_id, status)

@@ -35,6 +35,15 @@ METRICS = {  # validation metrics each objective reports, any of which can selec
 
 Report = Callable[[dict, "str | None"], None]
 
+# A loss or metric beyond this (or not finite) means the run diverged: an lr of 1000 reaches 1e17
+# without ever producing a NaN, and no loss of these objectives is near it while training works.
+DIVERGED_ABOVE = 1e6
+
+
+def diverged(metrics: dict) -> bool:
+    """True when any loss or metric of an evaluation is non-finite or beyond ``DIVERGED_ABOVE``."""
+    return any(not math.isfinite(v) or abs(v) > DIVERGED_ABOVE for k, v in metrics.items() if k != "step")
+
 
 @dataclass
 class TrainConfig:
@@ -353,6 +362,12 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
             metrics["val_knn_acc"] = knn_accuracy(model, batcher, ds, split, cfg, autocast)
         eval_s += time.perf_counter() - t_eval
         metrics["samples_per_s"] = done * cfg.batch_size / (time.perf_counter() - t0 - eval_s)
+        if diverged(metrics):
+            # Stop now: the last finite values are the previous evaluation's, already reported.
+            final = {"step": done, "diverged_step": done, "train_size": len(split.train),
+                     "wall_s": time.perf_counter() - t0}
+            report(final, None)
+            return final
         improved = best is None or better(metrics[cfg.metric], best)
         if improved:
             best, best_step = metrics[cfg.metric], done

@@ -192,3 +192,6 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_sweep, tmp_path, data_
     assert f"continue with: dlsweep run {tiny_sweep} --resume --store {store}" in out
     assert json.loads((store / "sweeps" / "tiny" / "state.json").read_text())["status"] == "interrupted"
     assert "Traceback" not in out
+    _, runs = child_runs(store, "tiny")
+    assert runs and all(r.info.status != "RUNNING" for r in runs)  # interrupted runs are ended, not left open
+    assert {r.data.tags["dlsweep.outcome"] for r in runs} <= {"completed", "interrupted"}
