@@ -71,7 +71,7 @@ def run(
         state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
                           console=console)
     except (SpecError, DataError, RunError) as e:
-        fail(str(e))
+        fail(str(e), getattr(e, "code", 2))
     where = "" if store == Path("mlflow_runs") else f" --store {store}"
     again = f"dlsweep run {sweep_file} --resume{where}"
     s = state["summary"]

@@ -47,7 +47,11 @@ from .train import DIVERGED_ABOVE, TrainConfig, train  # noqa: E402
 
 
 class RunError(RuntimeError):
-    """A sweep that could not finish; one line for the terminal."""
+    """A sweep that could not finish; one line for the terminal, and the exit code to end with."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
 
 
 # ---- the trial: a few lines that hand a config to the core -------------------------------
@@ -374,11 +378,22 @@ class RayWatch(threading.Thread):
     process without a word after a minute; this says what happened first, saves the sweep's state
     as interrupted and exits with 1."""
 
-    def __init__(self, on_loss, period_s: float = 2.0, misses: int = 3):
+    def __init__(self, on_loss, period_s: float = 0.5, misses: int = 3):
         super().__init__(daemon=True, name="dlsweep-raywatch")
         host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
         self.addr, self.on_loss, self.period_s, self.misses = (host, int(port)), on_loss, period_s, misses
         self.stopped = threading.Event()
+
+    @property
+    def where(self) -> str:
+        return f"{self.addr[0]}:{self.addr[1]}"
+
+    def alive(self) -> bool:
+        try:
+            socket.create_connection(self.addr, timeout=self.period_s).close()
+            return True
+        except OSError:
+            return False
 
     def run(self):
         missed = 0
@@ -464,6 +479,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         print(f"error: the Ray cluster at {where} went away mid-sweep; state saved; once Ray is back, continue with: {hint}",
               file=sys.stderr, flush=True)
 
+    own_ray = not ray.is_initialized()
     _start_ray(address, console)
     watch = RayWatch(on_ray_loss)
     watch.start()
@@ -475,15 +491,20 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         study.run(resume)
     except KeyboardInterrupt:
         interrupted = True
-    except BaseException:
+    except BaseException as e:
         watch.stopped.set()
         state["status"] = "interrupted"
         _write_state(state_path, state)
         tracking.finish_parent(uri, state["parent_run_id"], "FAILED")
+        if isinstance(e, Exception) and not watch.alive():
+            raise RunError(f"the Ray cluster at {watch.where} went away mid-sweep; state saved; once Ray is back, "
+                           f"continue with: dlsweep run {source} --resume", code=1) from None
         raise
     finally:
         watch.stopped.set()
     summary = study.summary()
+    if own_ray:
+        ray.shutdown()  # nothing of this sweep's Ray outlives it, in the CLI or in a caller's process
     interrupted = interrupted or study.tracking_lost or summary["unfinished"] > 0
     state["summary"] = summary
     state["status"] = "interrupted" if interrupted else "failed" if summary["failed"] or summary["blocked"] else "finished"

@@ -101,7 +101,6 @@ def test_failed_pretraining_blocks_its_arms_then_resume_runs_them(tmp_path, data
 
     again = dlsweep(["run", path, "--store", store, "--resume"], data_dir)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "2 cell(s) held back by a failed stage can run now" in again.stdout
     finetune = [r for r in runs_of(sqlite(store)) if r.data.tags["dlsweep.stage"] == "finetune"]
     assert sorted(r.data.tags["dlsweep.arm"] for r in finetune) == ["pretrained", "pretrained", "scratch", "scratch"]
     assert all(r.data.tags["dlsweep.outcome"] == "completed" for r in finetune)
@@ -258,33 +257,3 @@ def test_a_foreign_ray_cluster_is_never_joined(tmp_path, data_dir):
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)
 
-
-def test_the_ray_cluster_joined_dying_is_one_line_and_resumable(tmp_path, data_dir):
-    raw = {**SWEEP, "finetune": {**SWEEP["finetune"], "labels": [20, 30, 40], "steps": [300], "eval_every": 50}}
-    path, store, port = write(tmp_path, raw), tmp_path / "store", free_port()
-    env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(60):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(1)
-        proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store),
-                                 "--address", f"127.0.0.1:{port}"], cwd=ROOT, env={**env, "DLSWEEP_DATA_DIR": data_dir},
-                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and not list((store / "ray").glob("*/*/study-0/*/checkpoint_*")):
-            time.sleep(0.5)  # until a trial has reported
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 1, out + err
-        assert f"the Ray cluster at" in err and "went away mid-sweep; state saved" in err and "--resume" in err
-        assert "Traceback" not in err
-        assert state_of(store)["status"] == "interrupted"
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGKILL)

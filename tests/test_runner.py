@@ -184,7 +184,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_sweep, tmp_path, data_
     proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store)], env=env,
                             cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((store / "ray").glob("*/*/finetune/*/checkpoint_*")):
+    while time.time() < deadline and not list((store / "ray").glob("*/*/study-*/*/checkpoint_*")):
         time.sleep(0.5)  # until a trial has reported
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out, _ = proc.communicate(timeout=120)
