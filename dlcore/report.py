@@ -23,9 +23,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from . import plots, stats
-from .tracking import CURVE_METRICS, TAG, metric_history
+from .tracking import OUTCOMES, CURVE_METRICS, TAG, metric_history
 
-OUTCOMES = ("completed", "stopped_early", "diverged", "failed", "interrupted")  # in the order the report lists them
 TEST_CURVES = ("test_loss", "test_acc")  # drawn when logged at several steps; never used for selection
 BASELINE = "scratch"
 

@@ -601,12 +601,18 @@ class Study:
         else:
             ready = _cached_stages(self.stages, self.paths, self.console)
             stages, cells = [j for j in self.stages if j.key not in ready], [(c, self.samples) for c in self.cells]
+            return self._start_tuner(stages, cells, ready)
+        self._start_tuner(stages, cells, self._ready())
+
+    def _start_tuner(self, stages: list[Job], cells: list[tuple[Job, int]], ready: set[str]) -> None:
+        """A new tuner for ``stages`` and ``cells``, recorded in the state before it starts."""
+        tuners = self.state["tuners"]
         name = f"study-{len(tuners)}"
         tuners.append(name)
         _write_state(self.paths.state(self.state["name"]), self.state)
         total = len(stages) + sum(n for _, n in cells)
         self.console.print(f"{name}: {len(stages)} pretraining run(s), {len(cells)} grid cells, {total} trials", highlight=False)
-        self._fit(name, self._tuner(name, stages, cells, self._ready()), total)
+        self._fit(name, self._tuner(name, stages, cells, ready), total)
 
     def _ready(self) -> set[str]:
         return {j.key for j in self.stages if cache.problem(self.paths.cache, j.key) is None}
