@@ -72,5 +72,11 @@ def problem(cache: Path, key: str) -> str | None:
     return None
 
 
+def labels_total(folder: Path) -> int:
+    """Labels a cached stage read, its own stages' included (0 for entries written before they were counted)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return int(manifest.get("metrics", {}).get("labels_total", 0))
+
+
 def remove(cache: Path, key: str) -> None:
     shutil.rmtree(cache / key, ignore_errors=True)

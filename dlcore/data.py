@@ -227,6 +227,48 @@ def label_budget(labels: Tensor, budget: int | float, seed: int, num_classes: in
     return label_order(labels, seed)[:n].to(labels.device)
 
 
+def validation_count(k: Tensor, fraction: float) -> Tensor:
+    """How many of a class's first ``k`` budget images validate: none of 1, then max(1, floor(fraction * k)).
+
+    It never falls as ``k`` grows and rises by at most one per image, so the i-th image of a class is
+    a validation image exactly when the count rises at it: both halves of every budget are prefixes
+    of two fixed sequences, hence nested like the budgets. With fraction <= 0.5 at least one image
+    of every class with two or more is left to train on.
+    """
+    return torch.where(k < 2, torch.zeros_like(k), torch.clamp((fraction * k.double()).floor().long(), min=1))
+
+
+def realistic_budget(labels: Tensor, budget: int | float, seed: int, num_classes: int,
+                     fraction: float) -> tuple[Tensor, Tensor]:
+    """(train, val) positions within ``labels``: the budget of ``label_budget``, with its validation
+    labels carved out of it (Oliver et al. 2018), so that an n-label result used n labels in all.
+
+    Per class, the images of the budget in their seeded order alternate between training and
+    validation by ``validation_count``: stratified, seeded, nested across budgets, and at least one
+    validation image per class. A budget with fewer than two images of some class cannot have both
+    and raises DataError naming the smallest budget that can.
+    """
+    n = budget_count(budget, len(labels), num_classes)
+    order = label_order(labels, seed)
+    y = labels.cpu()[order]
+    rank = torch.zeros(len(y), dtype=torch.long)  # 1-based rank of each image within its class, in order
+    for c in range(num_classes):
+        at = (y == c).nonzero().squeeze(1)
+        rank[at] = torch.arange(1, len(at) + 1)
+    is_val = validation_count(rank, fraction) > validation_count(rank - 1, fraction)
+    seen = torch.bincount(y[:n], minlength=num_classes)
+    if seen.min() < 2:
+        seconds = [((y == c) & (rank == 2)).nonzero() for c in range(num_classes)]
+        needed = (f"{max(int(s[0, 0]) for s in seconds) + 1} labels or more with this seed" if all(len(s) for s in seconds)
+                  else "no budget can: a class has fewer than two images")
+        raise DataError(f"label budget {budget} ({n} labels) leaves class {int(seen.argmin())} with {int(seen.min())} "
+                        f"image(s); the realistic protocol needs two per class (one to train on, one to validate "
+                        f"with): {needed}")
+    chosen = order[:n]
+    dev = labels.device
+    return chosen[~is_val[:n]].to(dev), chosen[is_val[:n]].to(dev)
+
+
 # ---- batch ops: float batches (B, C, H, W) with values in [0, 1] --------------------------
 
 

@@ -63,10 +63,15 @@ def run_trial(config: dict, data: dict) -> None:
     try:
         cfg = TrainConfig(**job["train"], out_dir=out)
 
+        upstream = cache.labels_total(Path(cfg.init_encoder).parent) if job.get("source") else 0
+
         def report(metrics: dict, checkpoint_dir: str | None) -> None:
+            if "labels_total" in metrics:  # the final report: count what the stages it starts from read too
+                metrics = {**metrics, "labels_upstream": upstream, "labels_total": metrics["labels_total"] + upstream}
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
         final = train(cfg, report, D.Dataset.from_numpy(data))
+        final["labels_total"] = final.get("labels_total", 0) + upstream
         if job.get("cache") and "diverged_step" not in final:
             # A pretraining stage caches itself before it ends, so that the stages and cells that
             # start from it find it the moment the driver hears it finished.

@@ -25,7 +25,7 @@ from .train import OBJECTIVES, TrainConfig
 
 # Keys of TrainConfig that a sweep sets itself rather than the user.
 RUN_KEYS = {"objective", "dataset", "data_dir", "classes", "val_size", "split_seed", "labels", "init_encoder",
-            "seed", "threads", "device", "out_dir", "steps", "test_size"}
+            "seed", "threads", "device", "out_dir", "steps", "test_size", "validation", "val_fraction", "step_budgets"}
 HINTS = typing.get_type_hints(TrainConfig)
 PARAM_FIELDS = {f.name: (Optional[RANGES.get(f.name, HINTS[f.name])], None)
                 for f in dataclasses.fields(TrainConfig) if f.name not in RUN_KEYS}
@@ -204,6 +204,13 @@ class FinetuneSpec(Params):
         return self
 
 
+class ValidationSpec(Strict):
+    """How fine-tune checkpoints and hyperparameters are selected, and with which labels."""
+
+    protocol: Literal["realistic", "oracle", "none"] = "realistic"
+    fraction: float = Field(0.2, gt=0, le=0.5, allow_inf_nan=False)  # realistic: share of each class's budget
+
+
 class AshaSpec(Strict):
     enabled: bool = True
     grace_period: int = Field(100, gt=0)  # steps before the first cut
@@ -224,6 +231,7 @@ class Sweep(Strict):
     name: Name
     description: str = ""
     data: DataSpec = Field(default_factory=DataSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
     pretrain: dict[Name, StageSpec] = Field(default_factory=dict)
     finetune: Optional[FinetuneSpec] = None
     metric: Literal["val_acc", "val_loss"] = "val_acc"  # fine-tune selection metric, on the validation split
@@ -245,6 +253,13 @@ class Sweep(Strict):
                     raise At(f"finetune.arms.{name}.from", f"no stage '{arm.from_}'; stages: {sorted(self.pretrain)}")
         if not self.pretrain and not self.finetune:
             raise ValueError("a sweep needs a 'pretrain' or a 'finetune' section")
+        if self.finetune and self.validation.protocol == "none":
+            if self.finetune.search:
+                raise At("validation.protocol", "'none' selects nothing, so it cannot search: remove finetune.search "
+                                                 "or choose realistic/oracle", also=("finetune.search",))
+            if self.finetune.samples > 1:
+                raise At("validation.protocol", "'none' selects nothing, so finetune.samples > 1 would train the same "
+                                                 "trial again: set samples: 1", also=("finetune.samples",))
         return self
 
     @property
@@ -389,17 +404,35 @@ def pretrain_jobs(sweep: Sweep) -> dict[tuple[str, int], Job]:
     return jobs
 
 
+def reads_steps_off_one_run(sweep: Sweep, arm: str) -> bool:
+    """Whether an arm's step budgets come from one run at the largest: its schedule must not depend on the
+    total (constant, or warmup then constant), whatever the search draws."""
+    ft = sweep.finetune
+    schedule = ft.arms[arm].schedule or ft.schedule or "constant"
+    searched = ft.search.get("schedule")
+    return len(ft.steps) > 1 and schedule != "cosine" and not (searched and "cosine" in (searched.choice or []))
+
+
 def finetune_cells(sweep: Sweep) -> list[Job]:
-    """Every grid cell (arm x labels x steps x seed) as a job without its searched values."""
+    """Every grid cell (arm x labels x steps x seed) as a job without its searched values.
+
+    Where an arm reads its step budgets off one run, its cells of every budget are one job at the
+    largest budget, which records the smaller ones on the way (``step_budgets``)."""
     ft = sweep.finetune
     if ft is None:
         return []
     pre = pretrain_jobs(sweep)
     base = {k: v for k, v in ft.model_dump(exclude_none=True).items() if k in PARAM_FIELDS}
+    protocol = {"validation": sweep.validation.protocol, "val_fraction": sweep.validation.fraction}
     cells = []
     for (arm_name, arm), labels, steps, seed in itertools.product(ft.arms.items(), ft.labels, ft.steps, ft.seeds):
+        budgets = {}
+        if reads_steps_off_one_run(sweep, arm_name):
+            if steps != max(ft.steps):
+                continue
+            budgets = {"step_budgets": sorted(s for s in set(ft.steps) if s < steps)}
         train = {**data_values(sweep), **base, **arm.set_values(), "objective": "classify", "labels": labels,
-                 "steps": steps, "seed": seed, "metric": sweep.metric}
+                 "steps": steps, "seed": seed, "metric": sweep.metric, **protocol, **budgets}
         train.pop("from_", None)
         source = None
         if arm.from_:
@@ -409,7 +442,9 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
             train["finetune"] = "full"
         cell = f"{arm_name}/labels={labels}/steps={steps}/seed={seed}"
         tags = {"stage": "finetune", "arm": arm_name, "labels": labels, "steps": steps, "seed": seed, "cell": cell,
-                "pretrained_from": arm.from_ or ""}
+                "pretrained_from": arm.from_ or "", "validation": sweep.validation.protocol}
+        if budgets:
+            tags["step_budgets"] = ",".join(map(str, budgets["step_budgets"]))
         cells.append(Job("finetune", train, tags, source, cell))
     return cells
 
@@ -443,7 +478,7 @@ def check_jobs(sweep: Sweep, source: str) -> None:
 def check_budgets(sweep: Sweep, ds: D.Dataset, source: str) -> None:
     """What only the data set can tell: classes it has, a validation split that leaves a pool, label
     budgets that fit the pool and cover every class. Fails before Ray starts."""
-    pools: dict[tuple, tuple[int, int]] = {}  # classes -> (pool size, number of classes)
+    pools: dict[tuple, tuple] = {}  # classes -> (pool size, number of classes, the pool's labels)
     for key, classes in [("data.classes", sweep.data.classes),
                          *((f"pretrain.{name}.classes", st.classes) for name, st in sweep.pretrain.items())]:
         if tuple(classes or ()) in pools:
@@ -456,15 +491,21 @@ def check_budgets(sweep: Sweep, ds: D.Dataset, source: str) -> None:
             pool, _ = D.validation_split(len(sub.y_train), sweep.data.val_size, sweep.data.split_seed)
         except D.DataError as e:
             raise _error(sweep, source, "data.val_size", f"{e} ({key} {classes})" if classes else str(e)) from None
-        pools[tuple(classes or ())] = len(pool), sub.num_classes
+        pools[tuple(classes or ())] = len(pool), sub.num_classes, sub.y_train[pool]
+    realistic = set()
     for job in list(pretrain_jobs(sweep).values()) + finetune_cells(sweep):
-        if job.train.get("labels") is None:
-            continue
+        t = job.train
+        size, num_classes, labels = pools[tuple(t.get("classes") or ())]
+        key = "finetune.labels" if job.stage == "finetune" else f"pretrain.{job.stage}.labels"
         try:
-            D.budget_count(job.train["labels"], *pools[tuple(job.train.get("classes") or ())])
+            if t.get("validation") == "realistic":
+                if (t["labels"], t["seed"]) not in realistic:  # labels of the budget, two per class at least
+                    realistic.add((t["labels"], t["seed"]))
+                    D.realistic_budget(labels, t["labels"], t["seed"], num_classes, t["val_fraction"])
+            elif t.get("labels") is not None:
+                D.budget_count(t["labels"], size, num_classes)
         except D.DataError as e:
-            key = "finetune.labels" if job.stage == "finetune" else f"pretrain.{job.stage}.labels"
-            raise _error(sweep, source, key, str(e)) from None
+            raise _error(sweep, source, key, str(e), also=("validation",)) from None
 
 
 def check_all(sweep: Sweep, source: str) -> D.Dataset:
@@ -507,6 +548,9 @@ def plan(sweep: Sweep) -> dict:
         "grid_cells": len(cells),
         "finetune_trials": len(cells) * samples,
         "total_trials": len(pre) + len(cells) * samples,
+        "validation": sweep.validation.model_dump(),
+        "steps_read_off_one_run": sorted(a for a in sweep.finetune.arms if reads_steps_off_one_run(sweep, a))
+        if sweep.finetune else [],
         "metric": sweep.metric,
         "mode": sweep.mode,
         "asha": sweep.asha.model_dump(),

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -79,9 +80,13 @@ def start_parent(uri: str, experiment_id: str, name: str, spec: dict, tags: dict
 
 
 def numeric_metrics(result: dict) -> dict:
-    keys = ("train_", "val_", "test_", "best_", "samples_per_s", "wall_s", "train_size", "diverged_step")
-    return {k: float(v) for k, v in result.items() if k.startswith(keys) and isinstance(v, (int, float))
-            and not isinstance(v, bool) and v is not None and math.isfinite(v)}
+    """The metrics of a trial's result worth logging; ``at<steps>/...`` are the step budgets read off the run."""
+    keys = ("train_", "val_", "test_", "best_", "labels_", "samples_per_s", "wall_s", "train_size", "diverged_step")
+    return {k: float(v) for k, v in result.items() if (k.startswith(keys) or READ_OFF.match(k))
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+READ_OFF = re.compile(r"at(\d+)/(.+)")
 
 
 CURVE_METRICS = ("train_loss", "val_loss", "train_acc", "val_acc", "val_knn_acc")

@@ -8,6 +8,7 @@ runner passes ``tune.report`` in through ``report(metrics, checkpoint_dir)``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -25,6 +26,11 @@ from . import losses, models
 
 OBJECTIVES = ("autoencoder", "simclr", "barlow", "classify", "decode")
 FINETUNE_MODES = ("full", "frozen", "linear")
+VALIDATION = {  # how a classifier's checkpoint is selected, and which labels that reads
+    "oracle": "the best checkpoint on a fixed split of val_size labelled images, outside the budget",
+    "realistic": "the best checkpoint on val_fraction of the budget's own labels (at least one per class)",
+    "none": "no selection: the last checkpoint, fixed hyperparameters",
+}
 METRICS = {  # validation metrics each objective reports, any of which can select the best checkpoint
     "classify": ("val_acc", "val_loss"),
     "autoencoder": ("val_loss",),
@@ -42,7 +48,12 @@ DIVERGED_ABOVE = 1e6
 
 def diverged(metrics: dict) -> bool:
     """True when any loss or metric of an evaluation is non-finite or beyond ``DIVERGED_ABOVE``."""
-    return any(not math.isfinite(v) or abs(v) > DIVERGED_ABOVE for k, v in metrics.items() if k != "step")
+    return any(not math.isfinite(v) or abs(v) > DIVERGED_ABOVE for k, v in metrics.items() if _measures_fit(k))
+
+
+def _measures_fit(key: str) -> bool:
+    """Losses, errors and accuracies; not steps, counts or throughput."""
+    return key.endswith(("loss", "acc", "_l1", "_l2"))
 
 
 @dataclass
@@ -52,8 +63,10 @@ class TrainConfig:
     dataset: str = "mnist"  # name looked up in data_dir, or a path to an .npz
     data_dir: str | None = None
     classes: list[int] | None = None  # keep and relabel these classes (E1: [3, 5])
-    val_size: int | float = 5000  # images carved from train for model selection
+    val_size: int | float = 5000  # images carved from train: pretraining validation, and the oracle's labels
     split_seed: int = 0  # the validation split is shared by every trial of a study
+    validation: str = "oracle"  # classify: oracle | realistic | none (see VALIDATION)
+    val_fraction: float = 0.2  # realistic: share of each class's budget images that validate
     labels: int | float | None = None  # label budget (count or fraction of the pool); None: all
     test_size: int | None = None  # evaluate on the first N test images only (smoke runs)
     normalize: bool = False  # standardise inputs by the data set's channel mean/std
@@ -85,6 +98,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batch_size: int = 1000
     metric: str | None = None  # default: val_acc for classify, val_loss otherwise
+    step_budgets: list[int] | None = None  # smaller step budgets to read off this run (constant schedules only)
+    test_curve: bool = False  # also evaluate the test set at every evaluation, for display, never for selection
+    knn_monitor: bool = False  # SSL: k-NN accuracy on validation; reads labels, which are counted
     knn_bank: int = 10000  # pool images the SSL k-NN monitor compares against
     # run
     seed: int = 0
@@ -96,12 +112,21 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective '{self.objective}'; known: {list(OBJECTIVES)}")
+        if self.validation not in VALIDATION:
+            raise ValueError(f"unknown validation protocol '{self.validation}'; known: {list(VALIDATION)}")
+        if not 0 < self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
+        if self.step_budgets and (self.schedule == "cosine" or any(not 0 < s < self.steps for s in self.step_budgets)):
+            raise ValueError(f"step_budgets {self.step_budgets} must lie in (0, steps={self.steps}) and need a schedule "
+                             "that does not depend on the total (not cosine)")
         if self.finetune not in FINETUNE_MODES:
             raise ValueError(f"unknown finetune mode '{self.finetune}'; known: {list(FINETUNE_MODES)}")
         if self.objective == "decode" and not self.init_encoder:
             raise ValueError("objective 'decode' needs init_encoder (the encoder to decode from)")
         if self.metric is None:
             self.metric = "val_acc" if self.objective == "classify" else "val_loss"
+        if self.metric == "val_knn_acc":
+            self.knn_monitor = True
         known = METRICS[self.objective]
         if self.metric not in known:
             raise ValueError(f"metric '{self.metric}' is not reported by objective '{self.objective}'; known: {list(known)}")
@@ -109,6 +134,11 @@ class TrainConfig:
     @property
     def mode(self) -> str:
         return "max" if self.metric.endswith("acc") else "min"
+
+    @property
+    def selects(self) -> bool:
+        """Whether checkpoints are chosen on validation (every protocol but 'none' does)."""
+        return not (self.objective == "classify" and self.validation == "none")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -148,12 +178,33 @@ class Split:
 
 
 def make_split(ds: D.Dataset, cfg: TrainConfig) -> Split:
+    """The held-out split (val_size images) is the same for every trial; pretraining validates on it
+    without labels. A classifier's validation follows its protocol: the held-out split's labels
+    (oracle), a share of its own budget (realistic), or nothing (none)."""
     pool, val = D.validation_split(len(ds.y_train), cfg.val_size, cfg.split_seed)
     pool, val = pool.to(ds.y_train.device), val.to(ds.y_train.device)
     train = pool
-    if cfg.objective == "classify" and cfg.labels is not None:
-        train = pool[D.label_budget(ds.y_train[pool], cfg.labels, cfg.seed, ds.num_classes)]
+    if cfg.objective != "classify":
+        return Split(train=train, val=val, pool=pool)
+    labels = ds.y_train[pool]
+    if cfg.validation == "realistic":
+        train, val = D.realistic_budget(labels, cfg.labels if cfg.labels is not None else 1.0, cfg.seed,
+                                        ds.num_classes, cfg.val_fraction)
+        return Split(train=pool[train], val=pool[val], pool=pool)
+    if cfg.labels is not None:
+        train = pool[D.label_budget(labels, cfg.labels, cfg.seed, ds.num_classes)]
+    if cfg.validation == "none":
+        val = val[:0]
     return Split(train=train, val=val, pool=pool)
+
+
+def labels_read(cfg: TrainConfig, split: Split) -> dict:
+    """Labels this run read: to train on, to select with, and by a monitor (the SSL k-NN)."""
+    supervised = cfg.objective == "classify"
+    knn = cfg.knn_monitor and cfg.objective in ("simclr", "barlow")
+    monitor = min(cfg.knn_bank, len(split.pool)) + len(split.val) if knn else 0
+    return {"labels_train": len(split.train) if supervised else 0, "labels_val": len(split.val) if supervised else 0,
+            "labels_monitor": monitor}
 
 
 def build_model(cfg: TrainConfig, ds: D.Dataset) -> nn.Module:
@@ -253,13 +304,25 @@ def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
 
 @torch.no_grad()
 def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: TrainConfig, autocast, prefix: str) -> dict:
-    """Mean loss (and accuracy for classifiers) over ``images``; augmentation and noise from a fixed seed."""
+    """Mean loss (and accuracy for classifiers) over ``images``; augmentation and noise from a fixed seed.
+
+    Autoencoders also get their mean L1 and L2 (squared) error per pixel, whatever loss they train
+    on, so that stages trained on different losses compare in common units."""
     model.eval()
     g = torch.Generator(device=images.device).manual_seed(12345)
+    recon = cfg.objective in ("autoencoder", "decode")
     total, correct, n = 0.0, 0, 0
+    l1 = l2 = 0.0
     for xb, yb in zip(images.split(cfg.eval_batch_size), labels.split(cfg.eval_batch_size)):
+        inputs = batcher.inputs(xb, g, train=False)
         with autocast():
-            loss, logits = objective_loss(model, batcher.inputs(xb, g, train=False), yb, cfg)
+            if recon:
+                out = model(inputs[0]).float()
+                loss, logits = losses.reconstruction_loss(cfg.recon_loss)(out, inputs[1]), None
+                l1 += losses.l1(out, inputs[1]).item() * len(xb)
+                l2 += losses.l2(out, inputs[1]).item() * len(xb)
+            else:
+                loss, logits = objective_loss(model, inputs, yb, cfg)
         total += loss.item() * len(xb)
         n += len(xb)
         if logits is not None:
@@ -267,6 +330,8 @@ def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: Train
     out = {f"{prefix}_loss": total / n}
     if cfg.objective == "classify":
         out[f"{prefix}_acc"] = correct / n
+    if recon:
+        out.update({f"{prefix}_l1": l1 / n, f"{prefix}_l2": l2 / n})
     return out
 
 
@@ -330,57 +395,89 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     better = (lambda a, b: a > b) if cfg.mode == "max" else (lambda a, b: a < b)
 
     best, best_step, history = None, 0, []
+    budgets = sorted(set(cfg.step_budgets or ()))
+    labels = labels_read(cfg, split)
     run_loss, run_correct, run_n = 0.0, 0, 0
     t0 = time.perf_counter()
     eval_s = 0.0  # time spent evaluating, left out of the training throughput
-    stream = batches(len(split.train), cfg.batch_size, g, device)
-    set_train_mode(model, cfg)
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * get_lr(step, cfg)
-        idx = split.train[next(stream)]
-        yb = ds.y_train[idx]
-        with autocast():
-            loss, logits = objective_loss(model, batcher.inputs(ds.x_train[idx], g, train=True), yb, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run_loss += loss.detach() * len(idx)  # stays on device: no sync per step
-        run_n += len(idx)
-        if logits is not None:
-            run_correct += (logits.argmax(1) == yb).sum()
 
-        done = step + 1
-        if done % cfg.eval_every and done != cfg.steps:
-            continue
-        t_eval = time.perf_counter()
-        metrics = {"step": done, "train_loss": float(run_loss) / run_n}
-        if cfg.objective == "classify":
-            metrics["train_acc"] = float(run_correct) / run_n
-        metrics.update(evaluate(model, batcher, ds.x_train[split.val], ds.y_train[split.val], cfg, autocast, "val"))
-        if cfg.objective in ("simclr", "barlow"):
+    def evaluation(done: int) -> dict:
+        """Train metrics since the last evaluation, validation (and test-curve) metrics now."""
+        metrics = {"step": done}
+        if run_n:
+            metrics["train_loss"] = float(run_loss) / run_n
+            if cfg.objective == "classify":
+                metrics["train_acc"] = float(run_correct) / run_n
+        if len(split.val):
+            metrics.update(evaluate(model, batcher, ds.x_train[split.val], ds.y_train[split.val], cfg, autocast, "val"))
+        if labels["labels_monitor"]:
             metrics["val_knn_acc"] = knn_accuracy(model, batcher, ds, split, cfg, autocast)
-        eval_s += time.perf_counter() - t_eval
-        metrics["samples_per_s"] = done * cfg.batch_size / (time.perf_counter() - t0 - eval_s)
+        if cfg.test_curve:  # for display: never read by any selection
+            test = evaluate(model, batcher, ds.x_test, ds.y_test, cfg, autocast, "test")
+            metrics.update({k.replace("test_", "test_curve_"): v for k, v in test.items()})
+        return metrics
+
+    def read_off(done: int) -> dict:
+        """What this run would have returned had ``steps`` been ``done``: the checkpoint selected so
+        far and its test metrics (one test evaluation per step budget)."""
+        chosen = model
+        if best_step != done:
+            chosen = copy.deepcopy(model)
+            chosen.load_state_dict(models.load_state(ckpt / "model.pt", device))
+        out = {"best_step": best_step, **evaluate(chosen, batcher, ds.x_test, ds.y_test, cfg, autocast, "test")}
+        if best is not None:
+            out[f"best_{cfg.metric}"] = best
+        return {f"at{done}/{k}": v for k, v in out.items()}
+
+    stream = batches(len(split.train), cfg.batch_size, g, device)
+    for step in range(-1, cfg.steps):
+        done = step + 1
+        if step >= 0:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * get_lr(step, cfg)
+            idx = split.train[next(stream)]
+            yb = ds.y_train[idx]
+            with autocast():
+                loss, logits = objective_loss(model, batcher.inputs(ds.x_train[idx], g, train=True), yb, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run_loss += loss.detach() * len(idx)  # stays on device: no sync per step
+            run_n += len(idx)
+            if logits is not None:
+                run_correct += (logits.argmax(1) == yb).sum()
+            if done % cfg.eval_every and done != cfg.steps and done not in budgets:
+                continue
+        elif not (len(split.val) or cfg.test_curve):
+            continue  # step 0 (before training) is evaluated only when there is something to measure
+        t_eval = time.perf_counter()
+        metrics = evaluation(done)
         if diverged(metrics):
             # Stop now: the last finite values are the previous evaluation's, already reported.
-            final = {"step": done, "diverged_step": done, "train_size": len(split.train),
+            final = {"step": done, "diverged_step": done, "train_size": len(split.train), **labels,
                      "wall_s": time.perf_counter() - t0}
             report(final, None)
             return final
-        improved = best is None or better(metrics[cfg.metric], best)
+        improved = not cfg.selects or best is None or better(metrics[cfg.metric], best)
         if improved:
-            best, best_step = metrics[cfg.metric], done
+            best, best_step = metrics.get(cfg.metric), done
             save_checkpoint(model, ckpt, {"step": done, cfg.metric: best})
+        if done in budgets:
+            metrics.update(read_off(done))
+        eval_s += time.perf_counter() - t_eval
+        if done:
+            metrics["samples_per_s"] = done * cfg.batch_size / (time.perf_counter() - t0 - eval_s)
         history.append(metrics)
         report(metrics, str(ckpt) if improved else None)
         run_loss, run_correct, run_n = 0.0, 0, 0
         set_train_mode(model, cfg)
 
     model.load_state_dict(models.load_state(ckpt / "model.pt", device))
-    final = {"step": cfg.steps, "best_step": best_step, f"best_{cfg.metric}": best}
+    final = {"step": cfg.steps, "best_step": best_step}
+    if best is not None:
+        final[f"best_{cfg.metric}"] = best
     final.update(evaluate(model, batcher, ds.x_test, ds.y_test, cfg, autocast, "test"))
-    final["train_size"] = len(split.train)
+    final.update(train_size=len(split.train), **labels, labels_total=sum(labels.values()))
     final["wall_s"] = time.perf_counter() - t0
     (ckpt / "history.json").write_text(json.dumps(history))
     if cfg.objective in ("autoencoder", "decode"):

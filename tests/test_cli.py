@@ -35,9 +35,15 @@ def test_dry_run_json_counts_match_the_grid(tmp_path):
     assert result.exit_code == 0, result.output
     p = json.loads(result.output)
     ft = MINIMAL["finetune"]
-    cells = len(ft["arms"]) * len(ft["labels"]) * len(ft["steps"]) * 3
+    assert len(ft["steps"]) > 1 and p["steps_read_off_one_run"] == sorted(ft["arms"])  # constant schedule
+    cells = len(ft["arms"]) * len(ft["labels"]) * 3  # one run per cell reads every step budget
     assert p["grid_cells"] == cells and p["finetune_trials"] == cells * ft["samples"]
     assert p["pretrain_trials"] == 3 and p["total_trials"] == 3 + cells * ft["samples"]
+
+    cosine = runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run", "--json", "--set",
+                                 "finetune.seeds=[0,1,2]", "--set", "finetune.schedule=cosine"])
+    p = json.loads(cosine.output)  # a schedule tied to the total keeps a trial per step budget
+    assert p["grid_cells"] == cells * len(ft["steps"]) and p["steps_read_off_one_run"] == []
 
 
 def test_dry_run_table_names_stages_and_resources(tmp_path):

@@ -98,6 +98,37 @@ def test_label_budgets_are_stratified_nested_and_seeded(mnist):
     assert len(D.label_budget(y, 0.01, seed=0, num_classes=10)) == 500
 
 
+def test_realistic_budgets_contain_their_validation_stratified_nested_and_seeded(mnist):
+    y = mnist.y_train[:50000]
+    splits = {n: D.realistic_budget(y, n, seed=3, num_classes=10, fraction=0.2) for n in (100, 300, 1000, 0.05)}
+    for n, (train, val) in splits.items():
+        both = set(train.tolist()) | set(val.tolist())
+        assert not set(train.tolist()) & set(val.tolist())
+        assert both == set(D.label_budget(y, n, seed=3, num_classes=10).tolist())  # the budget, all of it
+        per_class = y[val].bincount(minlength=10)
+        assert per_class.min() >= 1 and (y[train].bincount(minlength=10) >= 1).all()
+        # each class validates on floor(20%) of its budget images (at least one)
+        budget_per_class = (y[train].bincount(minlength=10) + per_class)
+        assert torch.equal(per_class, torch.clamp((0.2 * budget_per_class.double()).floor().long(), min=1))
+    assert len(splits[1000][1]) in range(190, 211)  # ~20% of the budget
+    for small, big in [(100, 300), (300, 1000)]:  # nested: both halves grow by adding images
+        assert set(splits[small][0].tolist()) <= set(splits[big][0].tolist())
+        assert set(splits[small][1].tolist()) <= set(splits[big][1].tolist())
+    again = D.realistic_budget(y, 100, seed=3, num_classes=10, fraction=0.2)
+    other = D.realistic_budget(y, 100, seed=4, num_classes=10, fraction=0.2)
+    assert all(torch.equal(a, b) for a, b in zip(again, splits[100])) and not torch.equal(other[1], splits[100][1])
+
+
+def test_realistic_budget_needs_two_labels_per_class(mnist):
+    y = mnist.y_train[:50000]
+    with pytest.raises(D.DataError, match=r"label budget 15 \(15 labels\) leaves class \d with 1 image.*two per class.*"
+                                          r"(\d+) labels or more with this seed"):
+        D.realistic_budget(y, 15, seed=0, num_classes=10, fraction=0.2)
+    y = torch.tensor([0] * 100 + [1])
+    with pytest.raises(D.DataError, match="no budget can"):
+        D.realistic_budget(y, 50, seed=0, num_classes=2, fraction=0.2)
+
+
 def test_every_class_present_at_the_smallest_budget():
     y = torch.tensor([0] * 1000 + [1] * 10 + [2] * 5)
     b = D.label_budget(y, 3, seed=0, num_classes=3)

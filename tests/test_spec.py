@@ -32,10 +32,11 @@ def test_minimal_sweep_validates_and_plans(tmp_path):
     sweep = S.load_sweep(write(tmp_path, MINIMAL))
     assert sweep.name == "study" and sweep.mode == "max"
     p = S.plan(sweep)
-    assert p["grid_cells"] == 2 * 2 * 2 * 2
-    assert p["finetune_trials"] == 16 * 3
+    assert p["grid_cells"] == 2 * 2 * 2  # arms x labels x seeds: the step budgets 40 and 80 come from one run
+    assert p["finetune_trials"] == 8 * 3
     assert p["pretrain_trials"] == 2  # one per fine-tune seed
-    assert p["total_trials"] == 50
+    assert p["total_trials"] == 26
+    assert p["validation"] == {"protocol": "realistic", "fraction": 0.2}
 
 
 def test_overrides_are_yaml_and_create_keys(tmp_path):
@@ -94,8 +95,10 @@ def test_fine_tune_cells_carry_grid_values_and_sources(tmp_path):
     cell = next(c for c in cells if c.tags["arm"] == "pretrained" and c.tags["seed"] == 1)
     assert cell.source == pre[("ae", 1)].key
     assert cell.train["objective"] == "classify" and cell.train["encoder_args"] == {"latent_dim": 8}
-    assert {c.key for c in cells} == {f"{a}/labels={l}/steps={s}/seed={d}" for a in ("scratch", "pretrained")
-                                      for l in (20, 0.01) for s in (40, 80) for d in (0, 1)}
+    assert {c.key for c in cells} == {f"{a}/labels={l}/steps=80/seed={d}" for a in ("scratch", "pretrained")
+                                      for l in (20, 0.01) for d in (0, 1)}
+    assert all(c.train["step_budgets"] == [40] and c.tags["step_budgets"] == "40" for c in cells)
+    assert all(c.train["validation"] == "realistic" and c.train["val_fraction"] == 0.2 for c in cells)
 
 
 @pytest.mark.parametrize("mutate, message", [

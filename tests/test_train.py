@@ -26,8 +26,8 @@ def test_classifier_reports_each_eval_and_keeps_best_checkpoint(small, tmp_path)
     calls = []
     final = train(cfg(tmp_path, labels=100, lr=3e-3), lambda m, c: calls.append((dict(m), c)), small)
     evals = [m for m, _ in calls[:-1]]
-    assert [m["step"] for m in evals] == [10, 20, 30, 40]
-    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(evals[0])
+    assert [m["step"] for m in evals] == [0, 10, 20, 30, 40]  # step 0: the untrained model, a point on every curve
+    assert "train_loss" not in evals[0] and {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(evals[1])
     best = max(evals, key=lambda m: m["val_acc"])  # first best wins ties
     assert final["best_step"] == best["step"] and final["best_val_acc"] == best["val_acc"]
     # a checkpoint is handed over exactly when validation improved, and with the final report
@@ -39,7 +39,7 @@ def test_classifier_reports_each_eval_and_keeps_best_checkpoint(small, tmp_path)
     assert final["train_size"] == 100
     meta = json.loads((tmp_path / "checkpoint" / "meta.json").read_text())
     assert meta["step"] == final["best_step"]
-    assert len(json.loads((tmp_path / "checkpoint" / "history.json").read_text())) == 4
+    assert len(json.loads((tmp_path / "checkpoint" / "history.json").read_text())) == 5
 
 
 def test_same_seed_same_result_bit_for_bit(small, tmp_path):
@@ -101,9 +101,15 @@ def test_ssl_objectives_report_knn_accuracy(cifar10, tmp_path, objective):
     history = []
     c = cfg(tmp_path, objective=objective, steps=20, eval_every=10, val_size=200, normalize=True, proj_hidden=64,
             encoder_args={"channels": [16, 32], "latent_dim": 32})
-    train(c, lambda m, ck: history.append(m), tiny)
-    assert c.metric == "val_loss" and 0 <= history[0]["val_knn_acc"] <= 1
+    final = train(c, lambda m, ck: history.append(m), tiny)
+    assert c.metric == "val_loss" and "val_knn_acc" not in history[0]  # label-free by default
+    assert final["labels_total"] == 0
+
+    history = []
+    final = train(replace(c, knn_monitor=True, knn_bank=500), lambda m, ck: history.append(m), tiny)
+    assert 0 <= history[0]["val_knn_acc"] <= 1
     assert history[0]["val_knn_acc"] > 0.12  # above chance (0.1) already: raw conv features carry signal
+    assert final["labels_monitor"] == 500 + 200 == final["labels_total"]  # bank and validation labels, counted
 
 
 def test_threads_and_lr_schedule(small, tmp_path):
@@ -126,3 +132,57 @@ def test_training_core_imports_neither_ray_nor_mlflow():
     code = "import sys, dlcore.train, dlcore.data, dlcore.models, dlcore.losses; print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_step_budgets_read_off_one_run_equal_separate_runs(small, tmp_path):
+    """Under a constant schedule, the 20- and 30-step results read off a 40-step run are exactly the
+    results of separate 20- and 30-step runs with the same seed: same selected step, same test metrics."""
+    for protocol in ("realistic", "oracle"):
+        results = []
+        long = train(cfg(tmp_path / protocol, labels=100, validation=protocol, step_budgets=[20, 30]),
+                     lambda m, c: results.append(m), small)
+        read = {k: v for m in results for k, v in m.items() if k.startswith("at")}
+        for steps in (20, 30):
+            alone = train(cfg(tmp_path / f"{protocol}{steps}", labels=100, validation=protocol, steps=steps), data=small)
+            assert read[f"at{steps}/best_step"] == alone["best_step"]
+            assert read[f"at{steps}/best_val_acc"] == alone["best_val_acc"]
+            assert read[f"at{steps}/test_acc"] == alone["test_acc"] and read[f"at{steps}/test_loss"] == alone["test_loss"]
+        assert long["step"] == 40 and "at40/test_acc" not in read
+
+
+def test_step_budget_off_the_evaluation_grid_is_evaluated(small, tmp_path):
+    steps = []
+    train(cfg(tmp_path, labels=100, step_budgets=[15]), lambda m, c: steps.append(m["step"]), small)
+    assert steps[:-1] == [0, 10, 15, 20, 30, 40]
+    with pytest.raises(ValueError, match="cosine"):
+        cfg(tmp_path, step_budgets=[15], schedule="cosine")
+
+
+def test_protocols_count_the_labels_they_read(small, tmp_path):
+    realistic = train(cfg(tmp_path / "r", labels=100, validation="realistic"), data=small)
+    assert realistic["labels_total"] == 100 == realistic["labels_train"] + realistic["labels_val"]
+    assert 10 <= realistic["labels_val"] <= 25 and realistic["train_size"] == realistic["labels_train"]
+
+    oracle = train(cfg(tmp_path / "o", labels=100, validation="oracle"), data=small)
+    assert oracle["labels_train"] == 100 and oracle["labels_val"] == 500 and oracle["labels_total"] == 600
+
+    history = []
+    none = train(cfg(tmp_path / "n", labels=100, validation="none"), lambda m, c: history.append(m), small)
+    assert none["labels_total"] == 100 and none["best_step"] == 40 and "best_val_acc" not in none
+    assert not any(k.startswith("val_") for m in history for k in m)  # nothing was validated
+
+
+def test_autoencoders_report_l1_and_l2_whatever_their_loss(small, tmp_path):
+    l1 = train(cfg(tmp_path / "l1", objective="autoencoder", recon_loss="l1", steps=20), data=small)
+    l2 = train(cfg(tmp_path / "l2", objective="autoencoder", recon_loss="l2", steps=20), data=small)
+    assert l1["test_loss"] == pytest.approx(l1["test_l1"]) and l2["test_loss"] == pytest.approx(l2["test_l2"])
+    assert 0 < l1["test_l2"] < l1["test_l1"] < 1 and 0 < l2["test_l2"] < l2["test_l1"] < 1  # pixels in [0, 1]
+
+
+def test_test_curve_is_logged_for_display_and_never_selects(small, tmp_path):
+    history = []
+    final = train(cfg(tmp_path, labels=100, test_curve=True), lambda m, c: history.append(m), small)
+    curve = [m for m in history[:-1]]
+    assert all("test_curve_acc" in m for m in curve) and "test_acc" not in curve[0]
+    best = max(curve, key=lambda m: m["val_acc"])
+    assert final["best_step"] == best["step"] and final["test_acc"] == best["test_curve_acc"]

@@ -167,6 +167,12 @@ BAD = [
     pytest.param(None, S("finetune.labels=[0.0001]"), "finetune.labels: label budget 0.0001 (6 labels) is smaller than the number of classes", id="fraction < classes"),
     pytest.param(change(data__classes=[3, 5], finetune__labels=[20000]), [], F + "finetune.labels: label budget 20000 (20000 labels) exceeds", id="budget > pool of classes"),
     pytest.param(classify_stage, [], F + "pretrain.clf.labels: label budget 100000 (100000 labels) exceeds", id="stage budget > pool"),
+    pytest.param(None, S("finetune.labels=[15]"), FS("finetune.labels=[15]") + "finetune.labels: label budget 15 (15 labels) "
+                 "leaves class", id="realistic budget < 2 per class"),
+    pytest.param(None, S("validation.protocol=guess"), "validation.protocol: Input should be 'realistic', 'oracle' or 'none'", id="unknown protocol"),
+    pytest.param(None, S("validation.fraction=0.6"), "validation.fraction: Input should be less than or equal to 0.5", id="val fraction > 0.5"),
+    pytest.param(None, S("validation.protocol=none"), FS("validation.protocol=none") + "validation.protocol: 'none' selects nothing, "
+                 "so it cannot search", id="none with a search"),
     pytest.param(None, S("data.val_size=100000"), "data.val_size: validation size 100000 must leave images on both sides of 60000", id="val_size > train"),
 ]
 
