@@ -100,14 +100,20 @@ def _print_plan(p: dict) -> None:
         t = Table("axis", "values", title=f"fine-tune grid: {p['grid_cells']} cells x {ft['samples_per_cell']} samples")
         t.add_row("arms", ", ".join(f"{k} ({v})" for k, v in ft["arms"].items()))
         t.add_row("labels", str(ft["labels"]))
-        t.add_row("steps", str(ft["steps"]))
+        one_run = p["steps_read_off_one_run"]
+        t.add_row("steps", str(ft["steps"]) + (f" (read off one {max(ft['steps']):,}-step run: {', '.join(one_run)})"
+                                               if one_run else ""))
         t.add_row("seeds", str(ft["seeds"]))
         for k, v in ft["search"].items():
             t.add_row(f"search {k}", json.dumps(v))
         console.print(t)
     r = p["resources_per_trial"]
     asha = "ASHA " + (f"grace {p['asha']['grace_period']} steps, x{p['asha']['reduction_factor']}" if p["asha"]["enabled"] else "off")
-    console.print(f"select on {p['metric']} ({p['mode']}); {asha}; per trial {r['cpu']} CPU, {r['gpu']} GPU", highlight=False)
+    v = p["validation"]
+    how = {"realistic": f"realistic: {v['fraction']:.0%} of each budget's labels", "oracle": "oracle: data.val_size held-out labels",
+           "none": "none: last checkpoint"}[v["protocol"]]
+    console.print(f"select on {p['metric']} ({p['mode']}), validation {how}; {asha}; per trial {r['cpu']} CPU, "
+                  f"{r['gpu']} GPU", highlight=False)
 
 
 @app.command()
@@ -147,6 +153,29 @@ def report(
     except ValueError as e:
         fail(str(e))
     _print_report(result, name)
+
+
+@app.command()
+def compare(
+    first: Path = typer.Argument(..., help="A report folder (with summary.csv)."),
+    second: Path = typer.Argument(..., help="Another report folder of the same grid."),
+    names: str = typer.Option("first,second", "--names", help="Column names for the two, comma-separated."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to this markdown file."),
+):
+    """Two reports of the same grid side by side: test accuracy and labels used per cell, and the difference."""
+    from . import report as R
+
+    labels = tuple(n.strip() for n in names.split(","))
+    if len(labels) != 2 or not all(labels):
+        fail(f"--names takes two comma-separated names, got '{names}'")
+    try:
+        table = R.compare(first, second, labels)
+    except ValueError as e:
+        fail(str(e))
+    console.print(table, highlight=False, soft_wrap=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
 
 
 def _print_report(result: dict, name: str) -> None:

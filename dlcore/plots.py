@@ -94,31 +94,34 @@ def ci_caption(seed_counts: list[int], what: str = "point") -> str:
     return caption + "; band: 95% Student-t CI" + (f" (none where a {what} has one seed)" if seeds[0] == 1 else "")
 
 
-def accuracy_vs_labels(cells: list, colors: dict, title: str):
-    """Mean test accuracy of each arm vs label budget, one panel per step budget; ``cells`` as ``report.Cell``."""
-    steps_values = sorted({c.steps for c in cells})
-    fig, axes = plt.subplots(1, len(steps_values), figsize=(5.2 * len(steps_values), 3.8), squeeze=False, sharey=True)
-    for ax, steps in zip(axes[0], steps_values):
+def accuracy_vs(cells: list, colors: dict, title: str, x: str = "labels"):
+    """Mean test accuracy of each arm against ``x`` ('labels' or 'steps'), one panel per value of the
+    other axis; ``cells`` as ``report.Cell``."""
+    other = "steps" if x == "labels" else "labels"
+    panels = sorted({getattr(c, other) for c in cells})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, value in zip(axes[0], panels):
         for arm in sorted({c.arm for c in cells}):
-            cs = sorted((c for c in cells if c.arm == arm and c.steps == steps), key=lambda c: c.labels)
+            cs = sorted((c for c in cells if c.arm == arm and getattr(c, other) == value), key=lambda c: getattr(c, x))
             if not cs:
                 continue
-            x = np.array([c.labels for c in cs])
+            xs = np.array([getattr(c, x) for c in cs])
             y = np.array([c.mean for c in cs]) * 100
             hw = np.array([c.half_width for c in cs]) * 100
-            ax.plot(x, y, "-o", color=colors[arm], label=arm, ms=4)
+            ax.plot(xs, y, "-o", color=colors[arm], label=arm, ms=4)
             if np.isfinite(hw).any():
-                ax.fill_between(x, y - np.nan_to_num(hw), y + np.nan_to_num(hw), color=colors[arm], alpha=0.18, lw=0)
+                ax.fill_between(xs, y - np.nan_to_num(hw), y + np.nan_to_num(hw), color=colors[arm], alpha=0.18, lw=0)
         ax.set_xscale("log")
-        budgets = sorted({c.labels for c in cells if c.steps == steps})
-        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
+        ticks = sorted({getattr(c, x) for c in cells if getattr(c, other) == value})
+        ax.set_xticks(ticks, [f"{b:,}" for b in ticks])
         ax.minorticks_off()
-        ax.set_xlabel("labelled training images (log scale)")
-        ax.set_title(f"{steps:,} fine-tune steps" if len(steps_values) > 1 else "")
+        ax.set_xlabel("label budget (log scale)" if x == "labels" else "fine-tune steps (log scale)")
+        if len(panels) > 1:
+            ax.set_title(f"{value:,} fine-tune steps" if other == "steps" else f"{value:,} labels")
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].set_ylabel("test accuracy (%)")
     fig.suptitle(title)
-    fig.text(0.5, -0.02, ci_caption([c.n for c in cells]) + "; each seed's hyperparameters selected on validation",
+    fig.text(0.5, -0.02, ci_caption([c.n for c in cells]) + "; each seed's checkpoint selected on validation",
              ha="center", fontsize=8, color="#444444")
     fig.tight_layout()
     legend_outside(fig, axes)

@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from . import plots, stats
 from .tracking import OUTCOMES, CURVE_METRICS, TAG, metric_history
 
-TEST_CURVES = ("test_loss", "test_acc")  # drawn when logged at several steps; never used for selection
+TEST_CURVES = ("test_loss", "test_acc", "test_curve_loss", "test_curve_acc")  # drawn when logged at several steps; never used for selection
 BASELINE = "scratch"
 
 
@@ -43,12 +43,17 @@ class Trial:
     val: float | None  # best validation metric
     test_acc: float | None
     test_loss: float | None = None
-    labels_val: int | None = None  # labelled validation images it was selected on, when known
+    labels_val: int | None = None  # labelled validation images outside the budget (oracle), when known
     params: dict = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val_acc); read for selected trials only
+    validation: str = "oracle"  # the protocol it was selected by (runs from before protocols: oracle)
+    total: int | None = None  # labels it read in all, as the run logged them (labels_total)
+    run_steps: int | None = None  # when read off a longer run: that run's step budget
 
     @property
     def labels_total(self) -> int | None:
+        if self.total is not None:
+            return self.total
         return None if self.labels_val is None else self.labels + self.labels_val
 
 
@@ -99,8 +104,8 @@ def selected_trials(trials: list[Trial], mode: str) -> list[Trial]:
     stopped, diverged, failed and interrupted trials never compete."""
     best: dict[tuple, Trial] = {}
     for t in trials:
-        if t.outcome != "completed" or t.val is None or t.test_acc is None:
-            continue
+        if t.outcome != "completed" or t.test_acc is None or (t.val is None and t.validation != "none"):
+            continue  # under 'none' a cell has one trial, and nothing to select it by
         key = (t.arm, t.labels, t.steps, t.seed)
         if key not in best or (t.val > best[key].val if mode == "max" else t.val < best[key].val):
             best[key] = t
@@ -204,7 +209,9 @@ def read_trials(client: MlflowClient, experiment_id: str, parent: str, metric: s
                 val_default: int | None = None) -> tuple[list[Trial], list]:
     """Fine-tune trials of one sweep invocation, and all its child runs (pretraining stages too).
 
-    A trial's validation labels: its metric ``labels_val`` or ``val_size`` if logged, else ``val_default``.
+    A trial's labels are its budget (under 'realistic' its validation labels are part of it); its
+    labels in total are the logged ``labels_total``, else the budget plus ``labels_val``/``val_size``
+    or ``val_default``. A run that read smaller step budgets off itself gives one trial per budget.
     """
     runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000)
     trials = []
@@ -212,12 +219,32 @@ def read_trials(client: MlflowClient, experiment_id: str, parent: str, metric: s
         tags, m = r.data.tags, r.data.metrics
         if tags.get(TAG + "stage") != "finetune":
             continue
-        val_labels = m.get("labels_val", m.get("val_size"))
-        trials.append(Trial(r.info.run_id, tags[TAG + "arm"], tags[TAG + "labels"], int(m.get("train_size", 0)) or _count(tags),
-                            int(tags[TAG + "steps"]), int(tags[TAG + "seed"]), run_outcome(r), m.get(f"best_{metric}", m.get(metric)),
-                            m.get("test_acc"), m.get("test_loss"), int(val_labels) if val_labels is not None else val_default,
-                            dict(r.data.params)))
+        validation = tags.get(TAG + "validation", "oracle")
+        if validation == "realistic" and "labels_train" in m:
+            labels, val_labels = int(m["labels_train"] + m["labels_val"]), 0
+        else:
+            labels = int(m.get("labels_train", m.get("train_size", 0))) or _count(tags)
+            val_labels = m.get("labels_val", m.get("val_size", val_default))
+        total = int(m["labels_total"]) if "labels_total" in m else None
+        trial = Trial(r.info.run_id, tags[TAG + "arm"], tags[TAG + "labels"], labels, int(tags[TAG + "steps"]),
+                      int(tags[TAG + "seed"]), run_outcome(r), m.get(f"best_{metric}", m.get(metric)), m.get("test_acc"),
+                      m.get("test_loss"), int(val_labels) if val_labels is not None else None, dict(r.data.params),
+                      validation=validation, total=total)
+        trials.append(trial)
+        trials += read_off(trial, m, tags.get(TAG + "step_budgets", ""), metric)
     return trials, runs
+
+
+def read_off(trial: Trial, metrics: dict, budgets: str, metric: str) -> list[Trial]:
+    """The trials a longer run stands for at each smaller step budget it recorded (``at<steps>/...``):
+    selected so far, tested then. A budget the run never reached (stopped, failed) stands for nothing."""
+    out = []
+    for steps in (int(s) for s in budgets.split(",") if s):
+        if f"at{steps}/test_acc" in metrics:
+            out.append(replace(trial, steps=steps, outcome="completed", val=metrics.get(f"at{steps}/best_{metric}"),
+                               test_acc=metrics[f"at{steps}/test_acc"], test_loss=metrics.get(f"at{steps}/test_loss"),
+                               run_steps=trial.steps))
+    return out
 
 
 def _count(tags: dict) -> int:
@@ -361,22 +388,37 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         val_default = spec.data.val_size if isinstance(spec.data.val_size, int) else None
     trials, runs = read_trials(client, experiment_id, parent, metric, val_default)
     chosen = selected_trials(trials, mode)
-    for t in chosen:
-        t.curve = metric_history(client, t.run_id, ("val_acc",))["val_acc"]
+    histories: dict[str, list] = {}
+    for t in chosen:  # a trial read off a longer run has that run's curve up to its own budget
+        if t.run_id not in histories:
+            histories[t.run_id] = metric_history(client, t.run_id, ("val_acc",))["val_acc"]
+        t.curve = [p for p in histories[t.run_id] if p[0] <= t.steps]
     cells = select(chosen)
     arms = sorted({t.arm for t in trials})
     colors = plots.arm_colors(arms)
     figures: list[tuple[str, str]] = []  # (file, caption)
+    labels_note = labels_caption(cells)
 
     if cells:
-        plots.save(plots.accuracy_vs_labels(cells, colors, f"{experiment}: test accuracy vs labels"), out / "accuracy_vs_labels.png", svg=True)
-        figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget: {plots.ci_caption([c.n for c in cells])}."))
-    if any(t.curve for t in chosen):
-        plots.save(plots.accuracy_vs_steps(chosen, colors, f"{experiment}: validation accuracy during fine-tuning", target),
+        plots.save(plots.accuracy_vs(cells, colors, f"{experiment}: test accuracy vs labels", "labels"),
+                   out / "accuracy_vs_labels.png", svg=True)
+        figures.append(("accuracy_vs_labels.png", f"Test accuracy vs label budget: {plots.ci_caption([c.n for c in cells])}; "
+                        f"{labels_note}."))
+    if len({c.steps for c in cells}) > 1:
+        plots.save(plots.accuracy_vs(cells, colors, f"{experiment}: test accuracy vs fine-tune steps", "steps"),
+                   out / "accuracy_vs_step_budget.png", svg=True)
+        read = sorted({t.steps for t in chosen if t.run_steps})
+        how = (f" (budgets {', '.join(f'{s:,}' for s in read)} read off the longest run: the checkpoint selected by then, "
+               "tested then)" if read else "")
+        figures.append(("accuracy_vs_step_budget.png", f"Test accuracy vs fine-tune step budget{how}, one panel per label "
+                        f"budget: {plots.ci_caption([c.n for c in cells])}; {labels_note}."))
+    longest = [t for t in chosen if t.run_steps is None]  # read-off budgets are prefixes of these curves
+    if any(t.curve for t in longest):
+        plots.save(plots.accuracy_vs_steps(longest, colors, f"{experiment}: validation accuracy during fine-tuning", target),
                    out / "accuracy_vs_steps.png", svg=True)
         figures.append(("accuracy_vs_steps.png", "Validation accuracy vs fine-tune step, one panel per label and step "
-                        f"budget (selected trials; {plots.ci_caption([c.n for c in cells], 'curve')})"
-                        + (f"; dotted: target {target:.0%}." if target else ".")))
+                        f"budget (selected trials; {plots.ci_caption([c.n for c in cells], 'curve')}; validation labels "
+                        f"as in the protocol above){f'; dotted: target {target:.0%}' if target else ''}."))
         for t in curve_trials(chosen, curves):
             name = f"loss_curves_{t.arm}_{t.labels}.png"
             title = f"{t.arm}, {t.labels} labels, {t.steps} steps, seed {t.seed}"
@@ -445,8 +487,16 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
                "With few seeds a percentile bootstrap understates the uncertainty (3 seeds give 10 distinct resamples).",
                "", _efficiency_markdown(efficiency), ""]
     if losses:
-        md += ["## Pretraining stages", "", "| stage | test loss |", "| --- | --- |"]
-        md += [f"| {s} | {v:.4f} |" for s, v in sorted(losses.items()) if v is not None]
+        md += ["## Pretraining stages", "", "Test metrics of each stage's checkpoint selected on held-out images. "
+               "Autoencoders report their mean L1 and mean squared (L2) error per pixel whatever loss they trained on, "
+               "so stages trained on different losses compare in common units.", "",
+               "| stage | objective | test loss (its own) | test L1 | test L2 |", "| --- | --- | --- | --- | --- |"]
+        for name, run in sorted(stages.items()):
+            m = run.data.metrics
+            if m.get("test_loss") is None:
+                continue
+            cols = [f"{m[k]:.4f}" if k in m else "-" for k in ("test_loss", "test_l1", "test_l2")]
+            md.append(f"| {name} | {run.data.tags.get(TAG + 'objective', '?')} | " + " | ".join(cols) + " |")
         md.append("")
     md += ["## Trials", "", _trials_markdown(counts, problems), ""]
     (out / "report.md").write_text("\n".join(md))
@@ -455,22 +505,28 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             "figures": [f for f, _ in figures], "target": target, "finetuned": finetuned, "stage_losses": losses}
 
 
+def labels_caption(cells: list[Cell]) -> str:
+    """What the label axis counts, and the labels each budget used in all (per arm where arms differ)."""
+    totals = sorted({(c.arm, c.labels, c.labels_total) for c in cells if c.labels_total is not None})
+    if not totals:
+        return "labels used in total unknown (runs from before they were logged)"
+    if all(n == total for _, n, total in totals):
+        return "a budget's labels are all it used (training and validation)"
+    by_arm = defaultdict(list)
+    for arm, n, total in totals:
+        by_arm[arm].append(f"{n:,} → {total:,}")
+    same = len({tuple(v) for v in by_arm.values()}) == 1
+    parts = [", ".join(next(iter(by_arm.values())))] if same else [f"{arm}: {', '.join(v)}" for arm, v in by_arm.items()]
+    return "labels used in total (training + validation + monitors), per budget: " + "; ".join(parts)
+
+
 def protocol(spec, trials: list[Trial]) -> str:
     """The paragraph a reader needs before any number: validation, selection, search, seeds, labels, test."""
     if spec is None:
         return ("**Protocol.** The sweep's spec (sweep.json) is missing from its parent run, so its validation and "
                 "search cannot be stated; numbers are test metrics of the trial selected on validation per cell and seed.")
-    ft, d = spec.finetune, spec.data
-    logged = sorted({t.labels_val for t in trials if t.labels_val is not None})
-    if len(logged) == 1:
-        val = f"{logged[0]:,} labelled training images"
-    elif isinstance(d.val_size, int):
-        val = f"{d.val_size:,} labelled training images"
-    else:
-        val = f"{d.val_size:.0%} of the labelled training images"
-    custom = getattr(spec, "protocol", None)
-    validation = (f"protocol {json.dumps(custom.model_dump() if hasattr(custom, 'model_dump') else custom, default=str)}, "
-                  if custom is not None else "") + f"{val} held out (split seed {d.split_seed}, the same for every arm and seed)"
+    ft = spec.finetune
+    validation = validation_text(spec, trials)
     if ft.search:
         space = ", ".join(f"{k} ~ {kind}{json.dumps(arg)}"
                           for k, dist in ft.search.items() for kind, arg in dist.model_dump(exclude_none=True).items())
@@ -480,16 +536,59 @@ def protocol(spec, trials: list[Trial]) -> str:
     else:
         search = f"none; {ft.samples} trial(s) per cell with the sweep's fixed hyperparameters"
     asha = (f"; ASHA may stop unpromising trials after {spec.asha.grace_period} steps, and only trials that ran to "
-            "their end compete" if spec.asha.enabled else "")
-    total = ("labelled training images + validation labels" if len(logged) == 1 or isinstance(d.val_size, int) else
-             "unknown (the validation size is a fraction and the runs did not log val_size)")
-    return (f"**Protocol.** Validation: {validation}. Selection: each trial keeps its checkpoint with the best {spec.metric} "
-            f"on validation, and in each (arm, labels, steps, seed) cell the completed trial with the "
-            f"{'highest' if spec.mode == 'max' else 'lowest'} {spec.metric} is selected{asha}. Search: {search}. "
+            "their end compete" if spec.asha.enabled and ft.samples > 1 else "")
+    if {t.validation for t in trials} == {"none"} or (not trials and spec.validation.protocol == "none"):
+        selection = "none: each cell's single trial, at its last step"
+    else:
+        selection = (f"each trial keeps its checkpoint with the best {spec.metric} on validation (evaluated every "
+                     f"{ft.eval_every or 100} steps and at step 0), and in each (arm, labels, steps, seed) cell the "
+                     f"completed trial with the {'highest' if spec.mode == 'max' else 'lowest'} {spec.metric} is selected")
+    steps = steps_text(trials)
+    return (f"**Protocol.** Validation: {validation}. Selection: {selection}{asha}. Search: {search}. {steps}"
             f"Seeds: {', '.join(map(str, ft.seeds))}; a seed fixes the labelled subset, so arms with the same seed "
-            f"trained on the same images. Labels used in total (labels_total) = {total}. Test set: the test metrics are "
-            "those of the checkpoint each trial selected on validation, evaluated once; test numbers (and any test "
-            "curves drawn for display) never enter any selection.")
+            f"trained on the same images. Labels used in total (labels_total): {labels_text(spec, trials)}. Test set: "
+            "each selected checkpoint is evaluated on it once (once per step budget where budgets are read off one "
+            "run); test numbers, and any test curves drawn for display, never enter any selection.")
+
+
+def validation_text(spec, trials: list[Trial]) -> str:
+    """The fine-tune validation protocol, as the trials ran it (their tag) or, for old runs, the spec."""
+    d = spec.data
+    ran = sorted({t.validation for t in trials}) or [spec.validation.protocol]
+    texts = []
+    for name in ran:
+        if name == "realistic":
+            texts.append(f"realistic (Oliver et al. 2018): {spec.validation.fraction:.0%} of each class's labels in the "
+                         "budget (at least one per class; stratified, nested and seeded like the budgets) are held out "
+                         "of training and used to select; an n-label result used n labels in all")
+        elif name == "oracle":
+            logged = sorted({t.labels_val for t in trials if t.labels_val})
+            size = f"{logged[0]:,}" if len(logged) == 1 else f"{d.val_size:,}" if isinstance(d.val_size, int) else f"{d.val_size:.0%} of the"
+            texts.append(f"oracle: a fixed split of {size} labelled training images outside every budget (split seed "
+                         f"{d.split_seed}, the same for every arm and seed), counted in labels_total")
+        else:
+            texts.append("none: no model selection; fixed hyperparameters and the last checkpoint")
+    return "; ".join(texts)
+
+
+def steps_text(trials: list[Trial]) -> str:
+    read = sorted({(t.steps, t.run_steps) for t in trials if t.run_steps})
+    if not read:
+        return ""
+    longest = max(r for _, r in read)
+    return (f"Steps: the step budgets {', '.join(f'{s:,}' for s in sorted({s for s, _ in read}))} are read off each "
+            f"{longest:,}-step run (a schedule that does not depend on the total): at each, the checkpoint selected "
+            "so far and its test metrics, as a separate run with that budget and seed would give. ")
+
+
+def labels_text(spec, trials: list[Trial]) -> str:
+    """How labels were counted, including what pretraining stages read (k-NN monitors)."""
+    monitors = [f"stage {name} ran a k-NN monitor on labelled images (bank of {st.knn_bank:,} plus validation)"
+                for name, st in spec.pretrain.items() if st.knn_monitor or st.metric == "val_knn_acc"]
+    base = ("training + validation labels + labels read by the pretraining stages an arm starts from, summed "
+            "(the sets may overlap, so this is an upper bound)")
+    label_free = "pretraining stages select their checkpoints on held-out unlabelled images (their own loss)"
+    return base + ("; " + "; ".join(monitors) if monitors else f"; {label_free}")
 
 
 def summary_rows(cells: list[Cell], target: float | None, keys: tuple = SEARCH_KEYS) -> list[dict]:
@@ -586,4 +685,42 @@ def _trials_markdown(counts: dict[str, Counter], problems: list[str]) -> str:
               "and left out of every table and curve."]
     if problems:
         lines += [""] + [f"- {p}" for p in problems[:50]] + ([f"- ... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+    return "\n".join(lines)
+
+
+# ---- two reports side by side ------------------------------------------------------------------
+
+
+def read_summary(folder: Path) -> dict[tuple, dict]:
+    """(arm, labels, steps) -> row of a report folder's summary.csv."""
+    path = Path(folder) / "summary.csv"
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a report folder (no summary.csv); make one with dlsweep report --out")
+    with open(path, newline="") as f:
+        return {(r["arm"], int(r["labels"]), int(r["steps"])): r for r in csv.DictReader(f)}
+
+
+def compare(a: Path, b: Path, names: tuple[str, str]) -> str:
+    """A markdown table of two reports of the same grid (e.g. one sweep under two validation protocols):
+    per cell, each one's mean test accuracy with its interval and labels used in total, and the
+    difference of the means."""
+    rows_a, rows_b = read_summary(a), read_summary(b)
+    common = sorted(set(rows_a) & set(rows_b), key=lambda k: (k[0], k[2], k[1]))
+    if not common:
+        raise ValueError(f"{a} and {b} share no (arm, labels, steps) cell")
+
+    def acc(r: dict) -> str:
+        half = float(r["test_acc_ci95"]) if r["test_acc_ci95"] else None
+        return ci_text(float(r["test_acc_mean"]), half, ".2%")
+
+    def total(r: dict) -> str:
+        return f"{int(float(r['labels_total'])):,}" if r["labels_total"] else "?"
+
+    lines = [f"| arm | labels | steps | {names[0]}: test acc | labels used | {names[1]}: test acc | labels used | "
+             f"{names[1]} − {names[0]} |", "|" + " --- |" * 8]
+    for key in common:
+        ra, rb = rows_a[key], rows_b[key]
+        diff = (float(rb["test_acc_mean"]) - float(ra["test_acc_mean"])) * 100
+        lines.append(f"| {key[0]} | {key[1]:,} | {key[2]:,} | {acc(ra)} | {total(ra)} | {acc(rb)} | {total(rb)} | "
+                     f"{diff:+.2f} pp |")
     return "\n".join(lines)

@@ -167,7 +167,7 @@ def test_trials_blocked_cells_and_protocol(known):
     assert "`pretrained/labels=100/steps=200/seed=0` diverged at step 120" in result["problems"]
     assert "**6 cell(s) blocked (pretraining stage dae diverged):** dae/labels=100/steps=200/seed=0" in md
     assert "| finetune | 24 | 0 | 1 | 1 | 1 |" in md and "| dae | 0 | 0 | 1 | 0 | 0 |" in md
-    assert "Validation: 5,000 labelled training images held out (split seed 0" in md
+    assert "Validation: oracle: a fixed split of 5,000 labelled training images outside every budget (split seed 0" in md
     assert "2 Optuna TPE sample(s) per cell over lr ~ loguniform[0.0001, 0.01]; with 2 ≤ 4 samples TPE" in md
     assert "pure random sampling" in md and "Seeds: 0, 1, 2" in md and "highest val_acc" in md
     # the report names the experiment and run, never a path of this machine
@@ -180,11 +180,12 @@ def test_labels_total_from_a_logged_val_size_or_unknown_for_a_fraction(tmp_path)
     result = R.build(client, "known", tmp_path / "out")
     assert {r["labels_total"] for r in result["rows"]} == {None}
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "10% of the labelled training images held out" in md and "unknown (the validation size is a fraction" in md
+    assert "oracle: a fixed split of 10% of the labelled training images" in md and "labels used in total unknown" in md
     client, _ = fill(tmp_path / "logged", data={"dataset": "mnist", "val_size": 0.1}, seeds=(0,), val_metric=600)
     rows = {(r["arm"], r["labels"]): r for r in R.build(client, "known", tmp_path / "out2")["rows"]}
     assert rows[("scratch", 100)]["labels_total"] == 700 and rows[("scratch", 1000)]["labels_total"] == 1600
-    assert "Validation: 600 labelled training images held out" in (tmp_path / "out2" / "report.md").read_text()
+    md = (tmp_path / "out2" / "report.md").read_text()
+    assert "oracle: a fixed split of 600 labelled training images" in md and "100 → 700, 1,000 → 1,600" in md
 
 
 def test_partial_and_failed_runs_still_report_the_rest(tmp_path):
@@ -304,3 +305,57 @@ def test_loss_curves_for_a_chosen_cell(tmp_path):
     assert "loss_curves_scratch_1000.png" in result["figures"] and "loss_curves_pretrained_100.png" not in result["figures"]
     with pytest.raises(ValueError, match="no completed trial in cell 'scratch/labels=7'"):
         R.build(client, "known", tmp_path / "out", curves=["scratch/labels=7"])
+
+
+def test_realistic_runs_with_step_budgets_read_off_become_one_trial_per_budget(tmp_path):
+    """A 200-step run under 'realistic' that recorded its 100-step result: two cells per arm and budget,
+    the budget's labels are all it used, and the 100-step cell's numbers are the run's at100/ metrics."""
+    uri = tracking.default_uri(tmp_path)
+    client = MlflowClient(uri)
+    raw = {**SPEC, "validation": {"protocol": "realistic", "fraction": 0.2},
+           "finetune": {**SPEC["finetune"], "steps": [100, 200], "samples": 1, "search": {}}}
+    spec = Sweep.model_validate(raw).model_dump(mode="json", by_alias=True)
+    exp = tracking.ensure_experiment(uri, "known", tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": "known"})
+    for (arm, labels), accs in TEST.items():
+        for seed in (0, 1, 2):
+            tags = {"stage": "finetune", "arm": arm, "labels": labels, "steps": 200, "seed": seed, "outcome": "completed",
+                    "cell": f"{arm}/labels={labels}/steps=200/seed={seed}", "validation": "realistic", "step_budgets": "100"}
+            val = labels // 5
+            metrics = [("val_acc", v, s) for s, v in val_curve(arm, labels, seed).items()]
+            metrics += [("at100/best_val_acc", 0.7, 100), ("at100/test_acc", accs[seed] - 0.1, 100),
+                        ("at100/test_loss", 1.5, 100), ("best_val_acc", 0.8, 200), ("test_acc", accs[seed], 200),
+                        ("test_loss", 1.0, 200), ("labels_train", labels - val, 200), ("labels_val", val, 200),
+                        ("labels_total", labels, 200), ("train_size", labels - val, 200)]
+            add_run(client, exp, parent, tags, metrics)
+    result = R.build(client, "known", tmp_path / "out")
+    cells = {(c.arm, c.labels, c.steps): c for c in result["cells"]}
+    assert sorted(cells) == sorted((a, n, s) for a, n in TEST for s in (100, 200))
+    for (arm, labels), accs in TEST.items():
+        assert cells[(arm, labels, 200)].accs == pytest.approx(accs)
+        assert cells[(arm, labels, 100)].accs == pytest.approx([a - 0.1 for a in accs])
+        assert all(t.curve[-1][0] == 100 for t in cells[(arm, labels, 100)].trials)  # its curve stops at its budget
+    assert {r["labels_total"] for r in result["rows"]} == {100, 1000}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Validation: realistic (Oliver et al. 2018): 20% of each class's labels in the budget" in md
+    assert "the step budgets 100 are read off each 200-step run" in md
+    assert "a budget's labels are all it used" in md
+    assert {"accuracy_vs_labels.png", "accuracy_vs_step_budget.png", "accuracy_vs_steps.png"} <= set(result["figures"])
+
+
+def test_compare_two_reports_of_the_same_grid(tmp_path):
+    rows = {"realistic": [("scratch", 100, 0.70, 0.02, 100), ("scratch", 300, 0.85, None, 300)],
+            "oracle": [("scratch", 100, 0.74, 0.01, 5100), ("scratch", 3000, 0.96, 0.01, 8000)]}
+    for name, cells in rows.items():
+        (tmp_path / name).mkdir()
+        R._write_csv(tmp_path / name / "summary.csv", [
+            {"arm": a, "labels": n, "steps": 500, "seeds": 3, "test_acc_mean": m, "test_acc_ci95": h, "test_loss_mean": 1.0,
+             "test_loss_ci95": None, "labels_total": t} for a, n, m, h, t in cells])
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "realistic"), str(tmp_path / "oracle"),
+                                      "--names", "realistic,oracle", "--out", str(tmp_path / "cmp.md")])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "cmp.md").read_text().splitlines()
+    assert table[0].startswith("| arm | labels | steps | realistic: test acc | labels used | oracle: test acc")
+    assert table[2:] == ["| scratch | 100 | 500 | 70.00% ± 2.00% | 100 | 74.00% ± 1.00% | 5,100 | +4.00 pp |"]  # common cells only
+    bad = CliRunner().invoke(app, ["compare", str(tmp_path), str(tmp_path / "oracle")])
+    assert bad.exit_code == 2 and "no summary.csv" in bad.output

@@ -72,7 +72,7 @@ def test_sweep_end_to_end_logs_every_trial_and_reuses_pretraining(tiny_sweep, tm
         p = r.data.params
         assert p["labels"] in ("20", "50") and p["steps"] == "40" and p["seed"] == "0" and "lr" in p
         assert (p.get("init_encoder") is not None) == (r.data.tags["dlsweep.arm"] == "pretrained")
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")][:1] == [10]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")][:2] == [0, 10]  # step 0: untrained
     outcomes = [r.data.tags["dlsweep.outcome"] for r in finetune]
     assert "stopped_early" in outcomes  # ASHA cut some trials inside their cells
     done = [r for r in finetune if r.data.tags["dlsweep.outcome"] == "completed"]
