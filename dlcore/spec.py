@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from . import data as D
 from . import losses, models
 from .fields import RANGES, At, Budget, Classes, Count, Name, Seed, ValSize, budget, grid, model_args_problem
-from .sweepfile import SpecError, apply_overrides, format_validation_error, message, origin, read_yaml
+from .sweepfile import SpecError, apply_overrides, apply_profile, format_validation_error, message, origin, read_yaml
 from .train import OBJECTIVES, TrainConfig
 
 # Keys of TrainConfig that a sweep sets itself rather than the user.
@@ -230,6 +230,7 @@ class Tracking(Strict):
 class Sweep(Strict):
     name: Name
     description: str = ""
+    profile: Optional[Name] = None  # the profile --profile applied (set by the loader, recorded with the run)
     data: DataSpec = Field(default_factory=DataSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     pretrain: dict[Name, StageSpec] = Field(default_factory=dict)
@@ -308,13 +309,28 @@ def _validate(raw: dict, path: Path, overrides: list[str]) -> Sweep:
     return sweep
 
 
-def load_sweep(path: str | Path, overrides: list[str] = (), smoke: bool = False) -> Sweep:
+def load_sweep(path: str | Path, overrides: list[str] = (), smoke: bool = False, profile: str | None = None) -> Sweep:
+    """The validated sweep: the file, then its ``profile`` (a named set of overrides under ``profiles:``),
+    then the smoke sizes, then the user's ``--set`` lines. Every profile of the file is checked."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of keys at the top level")
     raw.setdefault("name", path.stem)
-    sweep = _validate(raw, path, list(overrides))
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict) or not all(isinstance(p, dict) for p in profiles.values()):
+        raise SpecError(f"{path}: profiles: expected a mapping of profile names to mappings of dotted keys to values")
+    for name in [*profiles, *([profile] if profile and profile not in profiles else [])]:
+        try:
+            chosen = apply_profile(raw, name)
+        except SpecError as e:
+            raise SpecError(f"{path} --profile {name}: {e}") from None
+        chosen.pop("profiles", None)
+        checked = _validate({**chosen, "profile": name}, Path(f"{path} --profile {name}"), list(overrides))
+        if name == profile:
+            sweep = checked
+    if profile is None:
+        sweep = _validate({k: v for k, v in raw.items() if k != "profiles"}, path, list(overrides))
     if smoke:  # the smoke sizes, then the user's --set again: what they set by hand wins
         sweep = _validate(shrink(sweep).model_dump(by_alias=True), path, list(overrides))
     return sweep

@@ -83,16 +83,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+def set_path(raw: dict, path: list[str], value: Any) -> str | None:
+    """Set ``raw[path[0]][path[1]]... = value``, creating sections; the dotted prefix that is not a section, if any."""
+    node = raw
+    for i, key in enumerate(path[:-1]):
+        if not isinstance(node.get(key, {}), dict):
+            return ".".join(path[: i + 1])
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return None
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = copy.deepcopy(raw)
     for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for i, key in enumerate(path[:-1]):
-            if not isinstance(node.get(key, {}), dict):
-                raise SpecError(f"--set {text}: {'.'.join(path[: i + 1])} is not a section")
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
+        blocked = set_path(raw, *parse_override(text))
+        if blocked:
+            raise SpecError(f"--set {text}: {blocked} is not a section")
+    return raw
+
+
+def apply_profile(raw: dict, name: str) -> dict:
+    """``raw`` with the dotted keys of its profile ``name`` (under ``profiles:``) set, like ``--set`` lines."""
+    profiles = raw.get("profiles") or {}
+    if name not in profiles:
+        raise SpecError(f"no profile '{name}'; this file has {sorted(profiles) or 'none'}")
+    raw = copy.deepcopy(raw)
+    for key, value in profiles[name].items():
+        blocked = set_path(raw, str(key).split("."), copy.deepcopy(value))
+        if blocked:
+            raise SpecError(f"profiles.{name}.{key}: {blocked} is not a section")
     return raw
 
 

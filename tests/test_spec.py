@@ -176,3 +176,28 @@ def test_every_experiment_ships_a_sweep():
     names = {p.name for p in SWEEPS}
     assert {"dae_fraction.yaml", "mnist_conv_ae.yaml", "mnist_labels_100.yaml", "simclr_cifar10.yaml",
             "barlow_cifar10.yaml", "mnist_mlp_ae_300.yaml", "mnist_mlp_dae.yaml"} <= names
+
+
+def test_profiles_are_named_overrides_under_the_set_lines(tmp_path):
+    raw = {**MINIMAL, "profiles": {"cpu": {"finetune.steps": [20], "finetune.seeds": [0, 1, 2], "pretrain.ae.steps": 10}}}
+    path = write(tmp_path, raw)
+    full = S.load_sweep(path)
+    assert full.finetune.steps == [40, 80] and full.profile is None
+    cpu = S.load_sweep(path, profile="cpu")
+    assert cpu.finetune.steps == [20] and cpu.finetune.seeds == [0, 1, 2] and cpu.pretrain["ae"].steps == 10
+    assert cpu.profile == "cpu" and "profiles" not in cpu.model_dump()
+    mine = S.load_sweep(path, ["finetune.seeds=[7]"], profile="cpu", smoke=True)  # --set wins, smoke shrinks the profile
+    assert mine.finetune.seeds == [7] and mine.finetune.steps == [20] and mine.profile == "cpu"
+    with pytest.raises(S.SpecError, match=r"study.yaml --profile gpu: no profile 'gpu'; this file has \['cpu'\]"):
+        S.load_sweep(path, profile="gpu")
+
+
+def test_a_broken_profile_is_an_error_even_when_not_chosen(tmp_path):
+    raw = {**MINIMAL, "profiles": {"cpu": {"finetune.stepz": [20]}}}
+    with pytest.raises(S.SpecError, match=r"study.yaml --profile cpu: finetune.stepz: unknown key"):
+        S.load_sweep(write(tmp_path, raw))
+    raw = {**MINIMAL, "profiles": {"cpu": {"finetune.labels.x": 1}}}
+    with pytest.raises(S.SpecError, match=r"--profile cpu: profiles.cpu.finetune.labels.x: finetune.labels is not a section"):
+        S.load_sweep(write(tmp_path, raw))
+    with pytest.raises(S.SpecError, match="profiles: expected a mapping of profile names"):
+        S.load_sweep(write(tmp_path, {**MINIMAL, "profiles": ["cpu"]}))
