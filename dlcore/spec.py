@@ -37,6 +37,7 @@ NAME_CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "schedule": ("constant", "cosine"),
     "finetune": ("full", "frozen", "linear"),
+    "precision": ("auto", "fp32", "bf16"),
 }
 
 

@@ -26,6 +26,7 @@ from . import losses, models
 
 OBJECTIVES = ("autoencoder", "simclr", "barlow", "classify", "decode")
 FINETUNE_MODES = ("full", "frozen", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
 VALIDATION = {  # how a classifier's checkpoint is selected, and which labels that reads
     "oracle": "the best checkpoint on a fixed split of val_size labelled images, outside the budget",
     "realistic": "the best checkpoint on val_fraction of the budget's own labels (at least one per class)",
@@ -106,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16: autocast to bf16 where the hardware computes it natively
     out_dir: str = "."
     recon_samples: int = 64  # test images kept as input/reconstruction examples for autoencoders
 
@@ -119,6 +121,8 @@ class TrainConfig:
         if self.step_budgets and (self.schedule == "cosine" or any(not 0 < s < self.steps for s in self.step_budgets)):
             raise ValueError(f"step_budgets {self.step_budgets} must lie in (0, steps={self.steps}) and need a schedule "
                              "that does not depend on the total (not cosine)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{self.precision}'; known: {list(PRECISIONS)}")
         if self.finetune not in FINETUNE_MODES:
             raise ValueError(f"unknown finetune mode '{self.finetune}'; known: {list(FINETUNE_MODES)}")
         if self.objective == "decode" and not self.init_encoder:
@@ -146,6 +150,19 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: CUDA GPUs from Ampere on; CPUs with AVX-512 BF16,
+    AMX or Arm's BF16 extension. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    caps = torch.cpu.get_capabilities()
+    return any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -376,8 +393,8 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    cuda = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    bf16 = uses_bf16(cfg, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
     ds = data if data is not None else D.load_dataset(cfg.dataset, cfg.data_dir)
     if cfg.classes:
@@ -477,7 +494,7 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     if best is not None:
         final[f"best_{cfg.metric}"] = best
     final.update(evaluate(model, batcher, ds.x_test, ds.y_test, cfg, autocast, "test"))
-    final.update(train_size=len(split.train), **labels, labels_total=sum(labels.values()))
+    final.update(train_size=len(split.train), train_bf16=float(bf16), **labels, labels_total=sum(labels.values()))
     final["wall_s"] = time.perf_counter() - t0
     (ckpt / "history.json").write_text(json.dumps(history))
     if cfg.objective in ("autoencoder", "decode"):

@@ -186,3 +186,20 @@ def test_test_curve_is_logged_for_display_and_never_selects(small, tmp_path):
     assert all("test_curve_acc" in m for m in curve) and "test_acc" not in curve[0]
     best = max(curve, key=lambda m: m["val_acc"])
     assert final["best_step"] == best["step"] and final["test_acc"] == best["test_curve_acc"]
+
+
+def test_precision_auto_follows_the_hardware_and_bf16_keeps_accuracy(small, tmp_path):
+    from dlcore.train import native_bf16, uses_bf16
+
+    cpu = torch.device("cpu")
+    caps = torch.cpu.get_capabilities()
+    assert native_bf16(cpu) == bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16"))
+    assert uses_bf16(TrainConfig(precision="auto"), cpu) == native_bf16(cpu)
+    assert uses_bf16(TrainConfig(precision="bf16"), cpu) and not uses_bf16(TrainConfig(precision="fp32"), cpu)
+    with pytest.raises(ValueError, match="unknown precision"):
+        TrainConfig(precision="fp16")
+    run = dict(labels=1000, steps=150, eval_every=50, lr=2e-3, val_size=500)
+    fp32 = train(cfg(tmp_path / "fp32", precision="fp32", **run), data=small)
+    bf16 = train(cfg(tmp_path / "bf16", precision="bf16", **run), data=small)
+    assert fp32["train_bf16"] == 0.0 and bf16["train_bf16"] == 1.0
+    assert fp32["test_acc"] > 0.8 and abs(bf16["test_acc"] - fp32["test_acc"]) < 0.03  # parity on real MNIST
