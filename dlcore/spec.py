@@ -7,6 +7,7 @@ set's own included. Nothing here starts Ray or touches MLflow.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -20,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from . import data as D
 from . import losses, models
 from .fields import RANGES, At, Budget, Classes, Count, Name, Seed, ValSize, budget, grid, model_args_problem
-from .sweepfile import SpecError, apply_overrides, apply_profile, format_validation_error, message, origin, read_yaml
+from .sweepfile import (SpecError, apply_overrides, apply_profile, format_validation_error, message, origin, read_yaml,
+                        set_path)
 from .train import OBJECTIVES, TrainConfig
 
 # Keys of TrainConfig that a sweep sets itself rather than the user.
@@ -131,6 +133,8 @@ class StageSpec(Params):
     classes: Optional[Classes] = None  # override the data's classes (E1: the 8 non-cat/dog classes)
     labels: Optional[Budget] = None  # classify stages: label budget, default all
     seeds: Optional[grid(Seed)] = None  # default: the fine-tune seeds, or [0]
+    grid_of: Optional[str] = None  # set by a stage's `grid:`: the stage this point was expanded from ...
+    point: Optional[dict[str, Any]] = None  # ... and its values there (dotted key -> value)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -146,6 +150,8 @@ class ArmSpec(Params):
     """One arm of the fine-tune grid: scratch (no 'from') or started from a pretraining stage."""
 
     from_: Optional[str] = Field(None, alias="from")
+    grid_of: Optional[str] = None  # set when its stage has a grid: the arm it was repeated from ...
+    point: Optional[dict[str, Any]] = None  # ... and the stage's grid point
 
 
 class FinetuneSpec(Params):
@@ -228,6 +234,62 @@ class Tracking(Strict):
     experiment: Optional[Name] = None  # default: the sweep's name
 
 
+GRID_SCALARS = (int, float, str, bool)
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """'latent_dim=2.fc_hidden=0': a grid point as a suffix of stage and arm names."""
+    return ".".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+
+
+def expand_stage_grids(raw: Any) -> Any:
+    """A stage with ``grid: {dotted.key: [values]}`` becomes one stage per point of the grid (``ae`` ->
+    ``ae.latent_dim=2``, ...), each cached on its own; stages and arms that start from it are repeated
+    per point with the point's encoder settings, so that every encoder loads where it is used."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("pretrain"), dict):
+        return raw
+    gridded = {n: st for n, st in raw["pretrain"].items() if isinstance(st, dict) and st.get("grid") is not None}
+    if not gridded:
+        return raw
+    raw = copy.deepcopy(raw)
+    stages, arms = raw["pretrain"], (raw.get("finetune") or {}).get("arms") or {}
+    for base in gridded:
+        grid_spec = stages[base].pop("grid")
+        if not isinstance(grid_spec, dict) or not grid_spec or not all(isinstance(v, list) and v for v in grid_spec.values()):
+            raise ValueError(f"pretrain.{base}.grid: expected a mapping of dotted keys to non-empty lists of values")
+        for key, values in grid_spec.items():
+            if not all(isinstance(v, GRID_SCALARS) for v in values) or len(set(values)) != len(values):
+                raise ValueError(f"pretrain.{base}.grid.{key}: values must be distinct numbers or strings, got {values}")
+        if stages[base].get("from") in gridded:
+            raise ValueError(f"pretrain.{base}.grid: a gridded stage cannot start from another gridded stage")
+        points = [dict(zip(grid_spec, combo)) for combo in itertools.product(*grid_spec.values())]
+
+        def repeat(section: dict, name: str, body: dict, all_keys: bool, inherited: dict) -> None:
+            """``section[name]`` once per point, renamed, pointing at the point's stage; an arm's encoder
+            settings start from the fine-tune section's when it has none of its own."""
+            del section[name]
+            for point in points:
+                copy_ = copy.deepcopy(body)
+                for key, value in point.items():
+                    top = key.split(".")[0]
+                    if all_keys or top in ("encoder", "encoder_args"):
+                        if top not in copy_ and top in inherited:
+                            copy_[top] = copy.deepcopy(inherited[top])
+                        set_path(copy_, key.split("."), value)
+                if name != base:
+                    copy_["from"] = f"{base}.{point_name(point)}"
+                copy_.update(grid_of=name, point=point)
+                section[f"{name}.{point_name(point)}"] = copy_
+
+        followers = [n for n, st in stages.items() if isinstance(st, dict) and st.get("from") == base]
+        repeat(stages, base, stages[base], all_keys=True, inherited={})
+        for name in followers:
+            repeat(stages, name, stages[name], all_keys=False, inherited={})
+        for name in [n for n, arm in arms.items() if isinstance(arm, dict) and arm.get("from") == base]:
+            repeat(arms, name, arms[name], all_keys=False, inherited=raw.get("finetune") or {})
+    return raw
+
+
 class Sweep(Strict):
     name: Name
     description: str = ""
@@ -242,6 +304,11 @@ class Sweep(Strict):
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
     _overrides: list[str] = PrivateAttr(default_factory=list)  # the --set texts it was loaded with, so that errors can name them
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grids(cls, raw):
+        return expand_stage_grids(raw)
 
     @model_validator(mode="after")
     def _references(self):
@@ -407,8 +474,8 @@ def pretrain_jobs(sweep: Sweep) -> dict[tuple[str, int], Job]:
         for seed in sweep.stage_seeds(name):
             train = {**data_values(sweep), **st.set_values(), "objective": st.objective, "steps": st.steps,
                      "labels": st.labels, "seed": seed}
-            train.pop("seeds", None)
-            train.pop("from_", None)
+            for key in ("seeds", "from_", "grid_of", "point"):
+                train.pop(key, None)
             if st.classes is not None:
                 train["classes"] = st.classes
             source = None
@@ -417,7 +484,10 @@ def pretrain_jobs(sweep: Sweep) -> dict[tuple[str, int], Job]:
                 source = jobs[(st.from_, parents[sweep.stage_seeds(name).index(seed) % len(parents)])].key
             hashed = {k: v for k, v in train.items() if k not in ("data_dir", "eval_batch_size")}
             key = f"{name}-{config_hash({**hashed, 'source': source})}"
-            jobs[(name, seed)] = Job(name, train, {"stage": name, "objective": st.objective, "seed": seed}, source, key)
+            tags = {"stage": name, "objective": st.objective, "seed": seed}
+            if st.grid_of:
+                tags.update(grid_of=st.grid_of, point=json.dumps(st.point))
+            jobs[(name, seed)] = Job(name, train, tags, source, key)
     return jobs
 
 
@@ -450,7 +520,8 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
             budgets = {"step_budgets": sorted(s for s in set(ft.steps) if s < steps)}
         train = {**data_values(sweep), **base, **arm.set_values(), "objective": "classify", "labels": labels,
                  "steps": steps, "seed": seed, "metric": sweep.metric, **protocol, **budgets}
-        train.pop("from_", None)
+        for key in ("from_", "grid_of", "point"):
+            train.pop(key, None)
         source = None
         if arm.from_:
             seeds = sweep.stage_seeds(arm.from_)
@@ -462,6 +533,8 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
                 "pretrained_from": arm.from_ or "", "validation": sweep.validation.protocol}
         if budgets:
             tags["step_budgets"] = ",".join(map(str, budgets["step_budgets"]))
+        if arm.grid_of:
+            tags.update(arm_of=arm.grid_of, point=json.dumps(arm.point))
         cells.append(Job("finetune", train, tags, source, cell))
     return cells
 

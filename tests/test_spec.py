@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,49 @@ def test_a_broken_profile_is_an_error_even_when_not_chosen(tmp_path):
         S.load_sweep(write(tmp_path, raw))
     with pytest.raises(S.SpecError, match="profiles: expected a mapping of profile names"):
         S.load_sweep(write(tmp_path, {**MINIMAL, "profiles": ["cpu"]}))
+
+
+GRID = {
+    "data": {"dataset": "mnist", "val_size": 500},
+    "pretrain": {
+        "ae": {"objective": "autoencoder", "steps": 30, "encoder_args": {"channels": [8, 16], "latent_dim": 12},
+               "grid": {"encoder_args.latent_dim": [2, 8], "lr": [1e-3, 3e-3]}},
+        "dec": {"objective": "decode", "from": "ae", "steps": 20, "encoder_args": {"channels": [8, 16], "latent_dim": 12}},
+    },
+    "finetune": {"arms": {"scratch": {}, "pretrained": {"from": "ae"}}, "labels": [100], "steps": [20],
+                 "encoder_args": {"channels": [8, 16], "latent_dim": 12}},
+}
+
+
+def test_a_stage_grid_is_one_cached_stage_per_point_and_its_followers_repeat(tmp_path):
+    sweep = S.load_sweep(write(tmp_path, GRID))
+    points = ["latent_dim=2.lr=0.001", "latent_dim=2.lr=0.003", "latent_dim=8.lr=0.001", "latent_dim=8.lr=0.003"]
+    assert list(sweep.pretrain) == [f"ae.{p}" for p in points] + [f"dec.{p}" for p in points]
+    assert list(sweep.finetune.arms) == ["scratch"] + [f"pretrained.{p}" for p in points]
+    ae = sweep.pretrain["ae.latent_dim=8.lr=0.003"]
+    assert ae.encoder_args == {"channels": [8, 16], "latent_dim": 8} and ae.lr == 3e-3 and ae.grid_of == "ae"
+    dec = sweep.pretrain["dec.latent_dim=8.lr=0.003"]  # a follower takes the point's encoder, not its lr
+    assert dec.from_ == "ae.latent_dim=8.lr=0.003" and dec.encoder_args["latent_dim"] == 8 and dec.lr is None
+    arm = sweep.finetune.arms["pretrained.latent_dim=2.lr=0.001"]  # inherits the section's encoder_args, then the point's
+    assert arm.from_ == "ae.latent_dim=2.lr=0.001" and arm.encoder_args == {"channels": [8, 16], "latent_dim": 2}
+    jobs = S.pretrain_jobs(sweep)
+    assert len({j.key for j in jobs.values()}) == 8  # each point cached on its own
+    assert jobs[("ae.latent_dim=2.lr=0.001", 0)].tags["point"] == '{"encoder_args.latent_dim": 2, "lr": 0.001}'
+    assert "grid_of" not in jobs[("ae.latent_dim=2.lr=0.001", 0)].train  # bookkeeping, not a training value
+    S.check_jobs(sweep, "study.yaml")  # every encoder loads where it is used
+    again = S.Sweep.model_validate(sweep.model_dump(mode="json", by_alias=True))  # a saved spec reloads as is (resume)
+    assert list(again.pretrain) == list(sweep.pretrain) and list(again.finetune.arms) == list(sweep.finetune.arms)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"encoder_args.latent_dim": []}, "expected a mapping of dotted keys to non-empty lists"),
+    ({"encoder_args.latent_dim": [2, 2]}, "values must be distinct numbers or strings"),
+    ({"encoder_args.latent_dim": [[2]]}, "values must be distinct numbers or strings"),
+    ({"encoder_args.latent_dimm": [2]}, "pretrain.ae.latent_dimm=2.encoder_args: unknown argument ['latent_dimm']"),
+])
+def test_bad_stage_grids_are_one_line_errors(tmp_path, grid, message):
+    raw = json.loads(json.dumps(GRID))
+    raw["pretrain"]["ae"]["grid"] = grid
+    with pytest.raises(S.SpecError) as e:
+        S.load_sweep(write(tmp_path, raw))
+    assert message in str(e.value) and "\n" not in str(e.value)
