@@ -202,3 +202,41 @@ def reconstruction_grid(samples: dict, title: str = "", n: int = 64):
         rows["noisy input"] = samples["input"]
     rows["reconstruction" if len(rows) == 1 else "denoised"] = samples["output"]
     return image_grid(rows, n=n, title=title)
+
+
+def stage_grid(base: str, points: list[dict], downstream: dict[str, dict[int, float]]):
+    """A pretraining grid: the stage's test error against its first grid key (one line per combination
+    of the others), and beside it the downstream test accuracy per label budget."""
+    keys = list(points[0]["point"])
+    x_key, rest = keys[0], keys[1:]
+    metric = "test_l1" if any(p["test_l1"] is not None for p in points) else "test_loss"
+    panels = 2 if downstream else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    xs = sorted({p["point"][x_key] for p in points}, key=lambda v: (isinstance(v, str), v))
+    position = {v: i for i, v in enumerate(xs)}  # categorical axis: values need not be evenly spaced
+    groups = sorted({tuple(p["point"][k] for k in rest) for p in points}, key=str)
+    budgets = sorted({n for accs in downstream.values() for n in accs})
+    for g_i, group in enumerate(groups):
+        mine = sorted((p for p in points if tuple(p["point"][k] for k in rest) == group), key=lambda p: position[p["point"][x_key]])
+        name = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(rest, group))
+        ax = axes[0, 0]
+        pts = [(position[p["point"][x_key]], p[metric]) for p in mine if p[metric] is not None]
+        if pts:
+            ax.plot(*zip(*pts), "-o", color=f"C{g_i}", ms=4, label=name or base)
+        for b_i, n in enumerate(budgets if downstream else []):
+            pts = [(position[p["point"][x_key]], downstream[p["stage"]][n] * 100) for p in mine
+                   if n in downstream.get(p["stage"], {})]
+            if pts:
+                axes[0, 1].plot(*zip(*pts), ["-o", "--s", ":^", "-.v"][b_i % 4], color=f"C{g_i}", ms=4,
+                                label=f"{name + ', ' if name else ''}{n:,} labels")
+    for ax in axes[0]:
+        ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+        ax.set_xlabel(x_key.rsplit(".", 1)[-1])
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel({"test_l1": "test L1 (mean per pixel)", "test_loss": "test loss"}[metric])
+    if downstream:
+        axes[0, 1].set_ylabel("fine-tuned test accuracy (%)")
+    fig.suptitle(f"pretraining grid: {base}")
+    fig.tight_layout()
+    legend_outside(fig, axes)
+    return fig

@@ -49,6 +49,7 @@ class Trial:
     validation: str = "oracle"  # the protocol it was selected by (runs from before protocols: oracle)
     total: int | None = None  # labels it read in all, as the run logged them (labels_total)
     run_steps: int | None = None  # when read off a longer run: that run's step budget
+    source: str = ""  # the pretraining stage it started from ("" for scratch)
 
     @property
     def labels_total(self) -> int | None:
@@ -229,7 +230,7 @@ def read_trials(client: MlflowClient, experiment_id: str, parent: str, metric: s
         trial = Trial(r.info.run_id, tags[TAG + "arm"], tags[TAG + "labels"], labels, int(tags[TAG + "steps"]),
                       int(tags[TAG + "seed"]), run_outcome(r), m.get(f"best_{metric}", m.get(metric)), m.get("test_acc"),
                       m.get("test_loss"), int(val_labels) if val_labels is not None else None, dict(r.data.params),
-                      validation=validation, total=total)
+                      validation=validation, total=total, source=tags.get(TAG + "pretrained_from", ""))
         trials.append(trial)
         trials += read_off(trial, m, tags.get(TAG + "step_budgets", ""), metric)
     return trials, runs
@@ -262,6 +263,47 @@ def stage_runs(client: MlflowClient, experiment_id: str) -> dict[str, object]:
         if stage and stage != "finetune" and stage not in out:
             out[stage] = r
     return out
+
+
+def stage_grids(stages: dict[str, object]) -> dict[str, list[dict]]:
+    """Stages expanded from a ``grid:``: base name -> one entry per point (its values and test metrics)."""
+    out = defaultdict(list)
+    for name, run in sorted(stages.items()):
+        tags, m = run.data.tags, run.data.metrics
+        if tags.get(TAG + "grid_of"):
+            out[tags[TAG + "grid_of"]].append({"stage": name, "point": json.loads(tags[TAG + "point"]),
+                                               **{k: m.get(k) for k in ("test_loss", "test_l1", "test_l2", "test_acc")}})
+    return dict(out)
+
+
+def grid_downstream(points: list[dict], chosen: list[Trial]) -> dict[str, dict[int, float]]:
+    """stage -> label budget -> mean test accuracy of the selected trials that started from it (longest steps)."""
+    out = {}
+    for p in points:
+        trials = [t for t in chosen if t.source == p["stage"]]
+        if not trials:
+            continue
+        steps = max(t.steps for t in trials)
+        by_labels = defaultdict(list)
+        for t in trials:
+            if t.steps == steps:
+                by_labels[t.labels].append(t.test_acc)
+        out[p["stage"]] = {n: float(np.mean(v)) for n, v in sorted(by_labels.items())}
+    return out
+
+
+def grid_markdown(base: str, points: list[dict], downstream: dict) -> list[str]:
+    keys = list(points[0]["point"])
+    budgets = sorted({n for accs in downstream.values() for n in accs})
+    head = keys + ["test loss", "test L1", "test L2"] + [f"test acc, {n:,} labels" for n in budgets]
+    lines = [f"## Pretraining grid: {base}", "", "Each point is its own cached stage; test metrics of its checkpoint "
+             "selected on held-out images, and the mean over seeds of the test accuracy of the selected fine-tune "
+             "trials that started from it.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for p in points:
+        cols = [str(p["point"][k]) for k in keys] + [f"{p[k]:.4f}" if p[k] is not None else "-" for k in ("test_loss", "test_l1", "test_l2")]
+        cols += [f"{downstream[p['stage']][n]:.2%}" if n in downstream.get(p["stage"], {}) else "-" for n in budgets]
+        lines.append("| " + " | ".join(cols) + " |")
+    return lines + [""]
 
 
 def trial_outcomes(runs: list) -> tuple[dict[str, Counter], list[str]]:
@@ -444,6 +486,14 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         figures.append(("reconstructions.png", "Test images and their reconstructions by each autoencoder stage "
                         "(64 images; first rows: clean and, for denoising stages, noisy input)."))
 
+    grid_md = []
+    for base, points in stage_grids(stages).items():
+        downstream = grid_downstream(points, chosen)
+        plots.save(plots.stage_grid(base, points, downstream), out / f"grid_{base}.png", svg=True)
+        figures.append((f"grid_{base}.png", f"Stage {base} over its grid: test reconstruction error (or loss) of each "
+                        "point, and the mean test accuracy of the arms fine-tuned from it, per label budget."))
+        grid_md += grid_markdown(base, points, downstream)
+
     rows = summary_rows(cells, target, searched)
     paired = paired_differences(cells)
     efficiency = [e for arm in arms if arm != BASELINE and BASELINE in arms for e in label_efficiency(cells, arm)]
@@ -498,6 +548,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             cols = [f"{m[k]:.4f}" if k in m else "-" for k in ("test_loss", "test_l1", "test_l2")]
             md.append(f"| {name} | {run.data.tags.get(TAG + 'objective', '?')} | " + " | ".join(cols) + " |")
         md.append("")
+    md += grid_md
     md += ["## Trials", "", _trials_markdown(counts, problems), ""]
     (out / "report.md").write_text("\n".join(md))
     return {"parent": parent, "cells": cells, "rows": rows, "paired": paired, "efficiency": efficiency, "missing": missing,

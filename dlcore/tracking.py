@@ -64,8 +64,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def param_key(key: str) -> str:
+    """A key MLflow accepts (alphanumerics, _ - . space : /): a grid point's '=' in a stage name becomes ':'."""
+    return key.replace("=", ":")
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
-    items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(params).items()]
+    items = [Param(param_key(k), json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(params).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(p.key, p.value[:6000]) for p in items[i : i + 100]])
 

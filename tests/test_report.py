@@ -359,3 +359,29 @@ def test_compare_two_reports_of_the_same_grid(tmp_path):
     assert table[2:] == ["| scratch | 100 | 500 | 70.00% ± 2.00% | 100 | 74.00% ± 1.00% | 5,100 | +4.00 pp |"]  # common cells only
     bad = CliRunner().invoke(app, ["compare", str(tmp_path), str(tmp_path / "oracle")])
     assert bad.exit_code == 2 and "no summary.csv" in bad.output
+
+
+def test_a_pretraining_grid_gets_a_table_and_a_figure(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    client = MlflowClient(uri)
+    raw = {**SPEC, "pretrain": {"ae": {"objective": "autoencoder", "steps": 10, "grid": {"encoder_args.latent_dim": [2, 8]}}},
+           "finetune": {**SPEC["finetune"], "samples": 1, "search": {}, "seeds": [0, 1]}}
+    spec = Sweep.model_validate(raw).model_dump(mode="json", by_alias=True)
+    exp = tracking.ensure_experiment(uri, "known", tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": "known"})
+    for d, l1 in ((2, 0.20), (8, 0.10)):
+        stage = f"ae.latent_dim={d}"
+        add_run(client, exp, parent, {"stage": stage, "seed": 0, "outcome": "completed", "objective": "autoencoder",
+                                      "grid_of": "ae", "point": json.dumps({"encoder_args.latent_dim": d})},
+                [("test_loss", l1, 10), ("test_l1", l1, 10), ("test_l2", l1 / 4, 10)])
+        for labels in (100, 1000):
+            for seed, acc in ((0, 0.5 + d / 100), (1, 0.52 + d / 100)):
+                add_run(client, exp, parent, {"stage": "finetune", "arm": f"pretrained.latent_dim={d}", "labels": labels,
+                                              "steps": 200, "seed": seed, "outcome": "completed", "pretrained_from": stage,
+                                              "cell": f"pretrained.latent_dim={d}/labels={labels}/steps=200/seed={seed}"},
+                        [("best_val_acc", 0.5, 200), ("test_acc", acc + labels / 10000, 200), ("test_loss", 1.0, 200)])
+    result = R.build(client, "known", tmp_path / "out")
+    assert "grid_ae.png" in result["figures"] and (tmp_path / "out" / "grid_ae.png").exists()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| encoder_args.latent_dim | test loss | test L1 | test L2 | test acc, 100 labels | test acc, 1,000 labels |" in md
+    assert "| 2 | 0.2000 | 0.2000 | 0.0500 | 54.00% | 63.00% |" in md and "| 8 | 0.1000 | 0.1000 | 0.0250 | 60.00% | 69.00% |" in md
