@@ -240,3 +240,29 @@ def stage_grid(base: str, points: list[dict], downstream: dict[str, dict[int, fl
     fig.tight_layout()
     legend_outside(fig, axes)
     return fig
+
+
+def embeddings(stats: dict[str, dict]):
+    """One row per stage: the test set on its top two principal axes, coloured by class, and the
+    class-centroid distance matrix as a heat map (shared colour scale across stages)."""
+    names = sorted(stats)
+    fig, axes = plt.subplots(len(names), 2, figsize=(9.5, 4.0 * len(names)), squeeze=False)
+    vmax = max(float(e["centroid_dist"].max()) for e in stats.values())
+    for row, name in zip(axes, names):
+        e = stats[name]
+        p, y = e["projection"].numpy(), e["labels"].numpy()
+        scatter = row[0].scatter(p[:, 0], p[:, 1], c=y, cmap="tab10", s=4, alpha=0.7, vmin=-0.5, vmax=9.5)
+        row[0].set_title(f"{name}: principal axes 1-2 (separation {e['separation']:.2f})", fontsize=9)
+        row[0].set_xticks([])
+        row[0].set_yticks([])
+        fig.colorbar(scatter, ax=row[0], ticks=range(len(e["spread"])), label="class")
+        im = row[1].imshow(e["centroid_dist"].numpy(), cmap="viridis", vmin=0, vmax=vmax)
+        row[1].set_title(f"{name}: distance between class centroids", fontsize=9)
+        row[1].set_xlabel("class")
+        row[1].set_ylabel("class")
+        ticks = range(len(e["spread"]))
+        row[1].set_xticks(ticks)
+        row[1].set_yticks(ticks)
+        fig.colorbar(im, ax=row[1], label="in units of overall spread")
+    fig.tight_layout()
+    return fig

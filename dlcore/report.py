@@ -265,6 +265,31 @@ def stage_runs(client: MlflowClient, experiment_id: str) -> dict[str, object]:
     return out
 
 
+def _artifact(client: MlflowClient, run_id: str, path: str):
+    """A torch-saved artifact of a run, or None when it has none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception:  # noqa: BLE001 -- MLflow raises several kinds for a missing artifact
+            return None
+        return torch.load(local, weights_only=True)
+
+
+def embeddings_markdown(embeddings: dict[str, dict]) -> list[str]:
+    """Per stage: each class's spread and how far apart the classes are, in the embedding's own units."""
+    if not embeddings:
+        return []
+    classes = len(next(iter(embeddings.values()))["spread"])
+    head = ["stage", "separation"] + [f"spread {c}" for c in range(classes)]
+    lines = ["## Latent embeddings", "", "Spread: root mean squared distance of a class's test images to their "
+             "centroid; separation: mean distance between class centroids over mean spread; both in units of the "
+             "embedding's overall spread (RMS distance to its mean). Centroid distances are in the figure and in "
+             "`centroid_distances.csv`.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for stage, e in sorted(embeddings.items()):
+        lines.append(f"| {stage} | {e['separation']:.2f} | " + " | ".join(f"{v:.2f}" for v in e["spread"].tolist()) + " |")
+    return lines + [""]
+
+
 def stage_grids(stages: dict[str, object]) -> dict[str, list[dict]]:
     """Stages expanded from a ``grid:``: base name -> one entry per point (its values and test metrics)."""
     out = defaultdict(list)
@@ -468,19 +493,26 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             figures.append((name, f"Train and validation loss and accuracy: {title}."))
 
     stages = stage_runs(client, experiment_id)
-    grids, losses = {}, {}
+    grids, losses, embeddings = {}, {}, {}
     for stage, run in sorted(stages.items()):
         name = f"loss_curves_{stage}.png"
         history = metric_history(client, run.info.run_id, CURVE_METRICS + TEST_CURVES)
         plots.save(plots.loss_curves(history, f"pretraining stage {stage}"), out / name, svg=True)
-        figures.append((name, f"Train and validation loss of pretraining stage {stage} per evaluation."))
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = client.download_artifacts(run.info.run_id, "checkpoint/samples.pt", tmp)
-            except Exception:  # not an autoencoder stage
-                continue
-            grids[stage] = torch.load(path, weights_only=True)
+        figures.append((name, f"Train and validation loss of pretraining stage {stage} per evaluation"
+                        + (" (test curves: display only)." if any(k.startswith("test_curve") and v for k, v in history.items()) else ".")))
+        found = _artifact(client, run.info.run_id, "checkpoint/embeddings.pt")
+        if found is not None:
+            embeddings[stage] = found
+        samples = _artifact(client, run.info.run_id, "checkpoint/samples.pt")
+        if samples is None:  # not an autoencoder stage
+            continue
+        grids[stage] = samples
         losses[stage] = run.data.metrics.get("test_loss")
+    if embeddings:
+        plots.save(plots.embeddings(embeddings), out / "embeddings.png", svg=False)
+        figures.append(("embeddings.png", "How each stage's encoder lays out the test set: its top two principal axes "
+                        "(2,000 images, coloured by class) and the distances between class centroids, both in units of "
+                        "the embedding's overall spread, so encoders of different scales compare."))
     if grids:
         plots.save(plots.reconstructions(grids, {k: v for k, v in losses.items() if v is not None}), out / "reconstructions.png", svg=True)
         figures.append(("reconstructions.png", "Test images and their reconstructions by each autoencoder stage "
@@ -502,6 +534,10 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
     present = {f"{t.arm}/labels={t.budget}/steps={t.steps}/seed={t.seed}" for t in trials if t.outcome == "completed"}
     missing = sorted(set(expected) - present - set(blocked))
     _write_csv(out / "summary.csv", rows)
+    if embeddings:
+        _write_csv(out / "centroid_distances.csv", [
+            {"stage": stage, "class": i, **{str(j): round(v, 4) for j, v in enumerate(row)}}
+            for stage, e in sorted(embeddings.items()) for i, row in enumerate(e["centroid_dist"].tolist())])
     table_md = _markdown(rows)
     (out / "summary.md").write_text(table_md)
 
@@ -548,7 +584,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             cols = [f"{m[k]:.4f}" if k in m else "-" for k in ("test_loss", "test_l1", "test_l2")]
             md.append(f"| {name} | {run.data.tags.get(TAG + 'objective', '?')} | " + " | ".join(cols) + " |")
         md.append("")
-    md += grid_md
+    md += grid_md + embeddings_markdown(embeddings)
     md += ["## Trials", "", _trials_markdown(counts, problems), ""]
     (out / "report.md").write_text("\n".join(md))
     return {"parent": parent, "cells": cells, "rows": rows, "paired": paired, "efficiency": efficiency, "missing": missing,

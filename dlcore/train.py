@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import data as D
 from . import losses, models
+from .embeddings import embedding_stats
 
 OBJECTIVES = ("autoencoder", "simclr", "barlow", "classify", "decode")
 FINETUNE_MODES = ("full", "frozen", "linear")
@@ -110,6 +111,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16: autocast to bf16 where the hardware computes it natively
     out_dir: str = "."
     recon_samples: int = 64  # test images kept as input/reconstruction examples for autoencoders
+    embeddings: bool = False  # write embeddings.pt: how the selected encoder lays out the test set's classes
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -499,8 +501,22 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     (ckpt / "history.json").write_text(json.dumps(history))
     if cfg.objective in ("autoencoder", "decode"):
         torch.save(reconstruction_samples(model, batcher, ds, cfg, autocast), ckpt / "samples.pt")
+    if cfg.embeddings:
+        z = encode(model, batcher, ds.x_test, cfg, autocast)
+        torch.save(embedding_stats(z, ds.y_test, ds.num_classes), ckpt / "embeddings.pt")
     report(final, str(ckpt))
     return final
+
+
+@torch.no_grad()
+def encode(model, batcher: Batcher, images: Tensor, cfg: TrainConfig, autocast) -> Tensor:
+    """The encoder's output for ``images`` (un-augmented), in eval mode."""
+    model.eval()
+    out = []
+    for chunk in images.split(cfg.eval_batch_size):
+        with autocast():
+            out.append(model.encoder(batcher.plain(chunk)).float())
+    return torch.cat(out)
 
 
 @torch.no_grad()

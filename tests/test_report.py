@@ -385,3 +385,29 @@ def test_a_pretraining_grid_gets_a_table_and_a_figure(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| encoder_args.latent_dim | test loss | test L1 | test L2 | test acc, 100 labels | test acc, 1,000 labels |" in md
     assert "| 2 | 0.2000 | 0.2000 | 0.0500 | 54.00% | 63.00% |" in md and "| 8 | 0.1000 | 0.1000 | 0.0250 | 60.00% | 69.00% |" in md
+
+
+def test_stage_embeddings_become_a_figure_a_table_and_a_csv(tmp_path):
+    import torch
+
+    from dlcore.embeddings import embedding_stats
+
+    uri = tracking.default_uri(tmp_path)
+    client = MlflowClient(uri)
+    spec = Sweep.model_validate({**SPEC, "finetune": None}).model_dump(mode="json", by_alias=True)
+    exp = tracking.ensure_experiment(uri, "known", tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": "known"})
+    run = add_run(client, exp, parent, {"stage": "ae", "seed": 0, "outcome": "completed"}, [("test_loss", 0.1, 10)])
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat(30)
+    z = torch.nn.functional.one_hot(y, 10).float() * 3 + torch.randn(300, 10, generator=g)
+    (tmp_path / "checkpoint").mkdir()
+    torch.save(embedding_stats(z, y, 10), tmp_path / "checkpoint" / "embeddings.pt")
+    client.log_artifacts(run, str(tmp_path / "checkpoint"), "checkpoint")
+    result = R.build(client, "known", tmp_path / "out")
+    assert "embeddings.png" in result["figures"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    e = embedding_stats(z, y, 10)
+    assert "## Latent embeddings" in md and f"| ae | {e['separation']:.2f} | {e['spread'][0]:.2f} |" in md
+    rows = (tmp_path / "out" / "centroid_distances.csv").read_text().splitlines()
+    assert rows[0] == "stage,class," + ",".join(map(str, range(10))) and len(rows) == 11

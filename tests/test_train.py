@@ -203,3 +203,25 @@ def test_precision_auto_follows_the_hardware_and_bf16_keeps_accuracy(small, tmp_
     bf16 = train(cfg(tmp_path / "bf16", precision="bf16", **run), data=small)
     assert fp32["train_bf16"] == 0.0 and bf16["train_bf16"] == 1.0
     assert fp32["test_acc"] > 0.8 and abs(bf16["test_acc"] - fp32["test_acc"]) < 0.03  # parity on real MNIST
+
+
+def test_embedding_stats_by_hand():
+    from dlcore.embeddings import embedding_stats
+
+    z = torch.tensor([[-2.0, 1.0], [-2.0, -1.0], [2.0, 1.0], [2.0, -1.0]])
+    e = embedding_stats(z, torch.tensor([0, 0, 1, 1]), 2)
+    scale = 5 ** 0.5  # RMS distance to the mean (0, 0)
+    assert e["scale"] == pytest.approx(scale)
+    assert e["spread"].tolist() == pytest.approx([1 / scale, 1 / scale])
+    assert e["centroid_dist"].flatten().tolist() == pytest.approx([0, 4 / scale, 4 / scale, 0], abs=1e-6)
+    assert e["separation"] == pytest.approx(4.0) and e["projection"].shape == (4, 2)
+    assert e["projection"][:, 0].abs().tolist() == pytest.approx([2 / scale] * 4)  # first axis: the class axis
+
+
+def test_a_trained_classifier_separates_digits_more_than_its_untrained_encoder(small, tmp_path):
+    stats = {}
+    for steps in (1, 200):
+        train(cfg(tmp_path / str(steps), labels=2000, steps=steps, eval_every=100, lr=2e-3, embeddings=True), data=small)
+        stats[steps] = torch.load(tmp_path / str(steps) / "checkpoint" / "embeddings.pt", weights_only=True)
+    assert stats[200]["separation"] > 1.5 * stats[1]["separation"]
+    assert stats[200]["centroid_dist"].shape == (10, 10) and len(stats[200]["labels"]) == 1000  # the 1,000 test images
