@@ -576,12 +576,13 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         md += ["## Pretraining stages", "", "Test metrics of each stage's checkpoint selected on held-out images. "
                "Autoencoders report their mean L1 and mean squared (L2) error per pixel whatever loss they trained on, "
                "so stages trained on different losses compare in common units.", "",
-               "| stage | objective | test loss (its own) | test L1 | test L2 |", "| --- | --- | --- | --- | --- |"]
+               "| stage | objective | selected step | test loss (its own) | test L1 | test L2 |", "|" + " --- |" * 6]
         for name, run in sorted(stages.items()):
             m = run.data.metrics
             if m.get("test_loss") is None:
                 continue
-            cols = [f"{m[k]:.4f}" if k in m else "-" for k in ("test_loss", "test_l1", "test_l2")]
+            cols = [f"{m['best_step']:,.0f}" if "best_step" in m else "-"]
+            cols += [f"{m[k]:.4f}" if k in m else "-" for k in ("test_loss", "test_l1", "test_l2")]
             md.append(f"| {name} | {run.data.tags.get(TAG + 'objective', '?')} | " + " | ".join(cols) + " |")
         md.append("")
     md += grid_md + embeddings_markdown(embeddings)

@@ -321,7 +321,7 @@ def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
         model.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: TrainConfig, autocast, prefix: str) -> dict:
     """Mean loss (and accuracy for classifiers) over ``images``; augmentation and noise from a fixed seed.
 
@@ -354,7 +354,7 @@ def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: Train
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def knn_accuracy(model, batcher: Batcher, ds: D.Dataset, split: Split, cfg: TrainConfig, autocast, k: int = 20) -> float:
     """Cosine k-NN accuracy of encoder features (val against ``cfg.knn_bank`` pool images): a label-free
     pretraining monitor that tracks downstream accuracy better than the SSL loss does."""
@@ -508,7 +508,7 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     return final
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode(model, batcher: Batcher, images: Tensor, cfg: TrainConfig, autocast) -> Tensor:
     """The encoder's output for ``images`` (un-augmented), in eval mode."""
     model.eval()
@@ -519,7 +519,7 @@ def encode(model, batcher: Batcher, images: Tensor, cfg: TrainConfig, autocast) 
     return torch.cat(out)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reconstruction_samples(model, batcher: Batcher, ds: D.Dataset, cfg: TrainConfig, autocast) -> dict:
     """The first ``cfg.recon_samples`` test images: clean, model input (noisy for a DAE) and output, in [0, 1]."""
     model.eval()
