@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,7 +15,9 @@ from rich.table import Table
 
 from .data import DataError
 from .fields import plain_name
-from .spec import SpecError, check_all, load_sweep, plan
+from .spec import SpecError, Sweep, check_all, load_sweep, plan
+from .store import Paths
+from .supervisor import reap, supervise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-efficiency sweeps: how many labels and steps does a model need, and what does pretraining buy?")
@@ -65,15 +64,35 @@ def run(
         else:
             _print_plan(p)
         return
+    if address or os.environ.get("RAY_ADDRESS"):  # a cluster that can go away under its driver: outlive it
+        raise typer.Exit(_drive_apart(sweep, sweep_file, store, tracking_uri, address, resume))
+    _drive(sweep, sweep_file, store, tracking_uri, address, resume)
+
+
+@app.command(hidden=True)
+def drive(job: str = typer.Argument(..., help="The run as JSON: spec, source, store, tracking_uri, address, resume.")):
+    """The driver of a `dlsweep run` that joins a Ray cluster, started by that run as its child."""
+    j = json.loads(job)
+    _drive(Sweep.model_validate(j["spec"]), Path(j["source"]), Path(j["store"]), j["tracking_uri"], j["address"],
+           j["resume"], supervised=True)
+
+
+def _again(sweep_file: Path, store: Path) -> str:
+    where = "" if store == Path("mlflow_runs") else f" --store {store}"
+    return f"dlsweep run {sweep_file} --resume{where}"
+
+
+def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None, resume: bool,
+           supervised: bool = False) -> None:
+    """Run the sweep in this process and say how it ended; a sweep not done ends in typer.Exit."""
     from .runner import RunError, run_sweep  # Ray is imported only when something runs
 
     try:
         state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
-                          console=console)
+                          console=console, supervised=supervised)
     except (SpecError, DataError, RunError) as e:
         fail(str(e), getattr(e, "code", 2))
-    where = "" if store == Path("mlflow_runs") else f" --store {store}"
-    again = f"dlsweep run {sweep_file} --resume{where}"
+    again = _again(sweep_file, store)
     s = state["summary"]
     counts = ", ".join(f"{s[k]} {k.replace('_', ' ')}" for k in ("completed", "stopped_early", "diverged", "failed", "blocked") if s[k])
     if state["status"] == "interrupted":
@@ -85,6 +104,17 @@ def run(
         raise typer.Exit(1)
     console.print(f"[bold green]done[/] ({counts}): experiment '{sweep.tracking.experiment or sweep.name}', parent run "
                   f"{state['parent_run_id']}; see it with: dlsweep ui", highlight=False, soft_wrap=True)
+
+
+def _drive_apart(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None,
+                 resume: bool) -> int:
+    """Run the sweep's driver as a child process (``dlsweep drive``) and outlive it, for a Ray cluster
+    that goes away ends its driver from C++ before Python can say a word (supervisor.py). The child
+    prints as ``_drive`` does; returns the exit code."""
+    job = {"spec": sweep.model_dump(mode="json", by_alias=True), "source": str(sweep_file), "store": str(store),
+           "tracking_uri": tracking_uri, "address": address, "resume": resume}
+    proc, _ = supervise([sys.executable, "-m", "dlcore.cli", "drive", json.dumps(job)])
+    return reap(proc, Paths(store.resolve()).state(sweep.name), _again(sweep_file, store), err)
 
 
 def _print_plan(p: dict) -> None:
@@ -248,39 +278,8 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_uri(store), "--host", host,
            "--port", str(port), "--workers", "1"]
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)", highlight=False)
-    raise typer.Exit(serve(cmd))
-
-
-def serve(cmd: list[str], grace: float = 10.0) -> int:
-    """Run a server in its own process group, pass SIGINT/SIGTERM to the whole group, and return only
-    once no process of it is left: ``mlflow server`` starts uvicorn and job consumers that would
-    otherwise outlive it. Returns 0 when stopped by a signal, else the server's exit code."""
-    proc = subprocess.Popen(cmd, start_new_session=True)  # its pid is its group id
-    stopped = []
-
-    def forward(signum, _frame):
-        stopped.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = proc.wait()
-    finally:
-        try:  # whatever the leader left behind: SIGTERM, then SIGKILL after `grace` seconds
-            os.killpg(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                time.sleep(0.1)
-                os.killpg(proc.pid, 0)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 0 if stopped else code
+    proc, stopped = supervise(cmd)  # mlflow server starts uvicorn and job consumers that would outlive it
+    raise typer.Exit(0 if stopped else proc.returncode)
 
 
 def main():

@@ -12,13 +12,11 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 # Quiet Ray before it is imported: no usage prompt, no per-trial loggers, experiment state
@@ -43,6 +41,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import cache, tracking  # noqa: E402
 from . import data as D  # noqa: E402
 from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
+from .store import Paths, write_state  # noqa: E402
+from .supervisor import reachable  # noqa: E402
 from .train import DIVERGED_ABOVE, TrainConfig, train  # noqa: E402
 
 
@@ -292,41 +292,9 @@ class ProgressCallback(tune.Callback):
 # ---- the sweep --------------------------------------------------------------------------------
 
 
-@dataclass
-class Paths:
-    """Everything a sweep writes, under one root (default ./mlflow_runs)."""
-
-    root: Path
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "pretrain_cache"
-
-    @property
-    def ray(self) -> Path:
-        return self.root / "ray"
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    def state(self, name: str) -> Path:
-        return self.root / "sweeps" / name / "state.json"
-
-    def outbox(self, name: str) -> Path:
-        return self.root / "sweeps" / name / "outbox.json"
-
-
 def _storage(paths: Paths, state: dict) -> Path:
     """Ray Tune's experiment folders for one sweep invocation."""
     return paths.ray / state["name"] / state["stamp"]
-
-
-def _write_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(path)
 
 
 def _trainable(data: dict, resources: dict):
@@ -379,38 +347,33 @@ def _cached_stages(jobs: list[Job], paths: Paths, console: Console) -> set[str]:
 
 
 class RayWatch(threading.Thread):
-    """Watches the Ray cluster's GCS from the driver. If it goes away, Ray's core worker ends the
-    process without a word after a minute; this says what happened first, saves the sweep's state
-    as interrupted and exits with 1."""
+    """Watches the Ray cluster's GCS from the driver. If it stops answering, Ray's core worker would
+    end the process without a word after a minute (``gcs_rpc_server_reconnect_timeout_s``); this
+    ends it with exit code 1 after ``misses`` polls instead, first calling ``on_loss`` with the
+    GCS's host:port to say so and save the state, unless None: then the process that outlives this
+    driver does both (supervisor.py)."""
 
-    def __init__(self, on_loss, period_s: float = 0.5, misses: int = 3):
+    def __init__(self, on_loss=None, period_s: float = 0.5, misses: int = 3):
         super().__init__(daemon=True, name="dlsweep-raywatch")
-        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
-        self.addr, self.on_loss, self.period_s, self.misses = (host, int(port)), on_loss, period_s, misses
+        self.where = ray.get_runtime_context().gcs_address
+        self.on_loss, self.period_s, self.misses = on_loss, period_s, misses
         self.stopped = threading.Event()
 
-    @property
-    def where(self) -> str:
-        return f"{self.addr[0]}:{self.addr[1]}"
-
     def alive(self) -> bool:
-        try:
-            socket.create_connection(self.addr, timeout=self.period_s).close()
-            return True
-        except OSError:
-            return False
+        return reachable(self.where, timeout=self.period_s)
+
+    def lost(self) -> None:
+        """Never returns."""
+        if self.on_loss:
+            self.on_loss(self.where)
+        os._exit(1)
 
     def run(self):
         missed = 0
         while not self.stopped.wait(self.period_s):
-            try:
-                socket.create_connection(self.addr, timeout=self.period_s).close()
-                missed = 0
-            except OSError:
-                missed += 1
-                if missed >= self.misses and not self.stopped.is_set():
-                    self.on_loss(f"{self.addr[0]}:{self.addr[1]}")
-                    os._exit(1)
+            missed = 0 if self.alive() else missed + 1
+            if missed >= self.misses and not self.stopped.is_set():
+                self.lost()
 
 
 def _quiet_tune() -> None:
@@ -432,9 +395,13 @@ def _start_ray(address: str | None, console: Console) -> None:
 
 
 def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, console: Console | None = None) -> dict:
+              resume: bool = False, console: Console | None = None, supervised: bool = False) -> dict:
     """Run (or resume) a sweep; returns its state dict, whose ``status`` is finished, failed (some
-    trials failed or were blocked) or interrupted. Raises SpecError/DataError/RunError."""
+    trials failed or were blocked) or interrupted. Raises SpecError/DataError/RunError.
+
+    ``supervised``: a process outlives this one to report a lost Ray cluster (supervisor.py); this
+    one then only ends, leaving the state ``running`` with its pid for that process to find. The
+    two never race to speak or to write the state."""
     console = console or Console()
     paths = Paths(Path(root).resolve())
     state_path = paths.state(sweep.name)
@@ -475,18 +442,21 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
                  "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": []}
     state["status"] = "running"
-    _write_state(state_path, state)
+    state["driver"] = {"pid": os.getpid()}  # whose the running state is: the supervisor checks for its child's
+    write_state(state_path, state)
 
     def on_ray_loss(where: str) -> None:
         state["status"] = "interrupted"
-        _write_state(state_path, state)
+        write_state(state_path, state)
         hint = f"dlsweep run {source} --resume"
         print(f"error: the Ray cluster at {where} went away mid-sweep; state saved; once Ray is back, continue with: {hint}",
               file=sys.stderr, flush=True)
 
     own_ray = not ray.is_initialized()
     _start_ray(address, console)
-    watch = RayWatch(on_ray_loss)
+    watch = RayWatch(None if supervised else on_ray_loss)
+    state["driver"]["ray"] = watch.where
+    write_state(state_path, state)
     watch.start()
     resources = fit_resources({"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}, console)
     threads = max(1, int(resources["cpu"]))
@@ -498,10 +468,13 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         interrupted = True
     except BaseException as e:
         watch.stopped.set()
+        lost = isinstance(e, Exception) and not watch.alive()
+        if lost and supervised:
+            watch.lost()  # Ray's core worker is about to end this process anyway; the supervisor speaks
         state["status"] = "interrupted"
-        _write_state(state_path, state)
-        tracking.finish_parent(uri, state["parent_run_id"], "FAILED")
-        if isinstance(e, Exception) and not watch.alive():
+        write_state(state_path, state)
+        tracking.finish_sweep(uri, state, console)
+        if lost:
             raise RunError(f"the Ray cluster at {watch.where} went away mid-sweep; state saved; once Ray is back, "
                            f"continue with: dlsweep run {source} --resume", code=1) from None
         raise
@@ -513,21 +486,9 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     interrupted = interrupted or study.tracking_lost or summary["unfinished"] > 0
     state["summary"] = summary
     state["status"] = "interrupted" if interrupted else "failed" if summary["failed"] or summary["blocked"] else "finished"
-    _write_state(state_path, state)
-    _finish_parent(uri, state, summary, console)
+    write_state(state_path, state)
+    tracking.finish_sweep(uri, state, console, summary)
     return state
-
-
-def _finish_parent(uri: str, state: dict, summary: dict, console: Console) -> None:
-    """End the parent run with the counts; runs a killed trial left open end as KILLED."""
-    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[state["status"]]
-    metrics = {f"trials_{k}": summary[k] for k in (*tracking.OUTCOMES, "blocked")}
-    try:
-        tracking.end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
-        tracking.finish_parent(uri, state["parent_run_id"], status, {"blocked": json.dumps(summary["blocked_arms"])}, metrics)
-    except Exception as e:  # noqa: BLE001 -- the tracking server may be the reason we stopped
-        console.print(f"[yellow]could not close the sweep's MLflow run ({str(e).splitlines()[0][:200]}); "
-                      f"--resume will[/]", highlight=False)
 
 
 class Study:
@@ -614,7 +575,7 @@ class Study:
         tuners = self.state["tuners"]
         name = f"study-{len(tuners)}"
         tuners.append(name)
-        _write_state(self.paths.state(self.state["name"]), self.state)
+        write_state(self.paths.state(self.state["name"]), self.state)
         total = len(stages) + sum(n for _, n in cells)
         self.console.print(f"{name}: {len(stages)} pretraining run(s), {len(cells)} grid cells, {total} trials", highlight=False)
         self._fit(name, self._tuner(name, stages, cells, ready), total)

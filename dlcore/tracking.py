@@ -347,3 +347,18 @@ def finish_parent(uri: str, run_id: str, status: str, tags: dict | None = None, 
         ts = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
     client.set_terminated(run_id, status)
+
+
+def finish_sweep(uri: str, state: dict, console, summary: dict | None = None) -> None:
+    """End a sweep invocation's parent run as its state's status says, with the counts by outcome
+    when ``summary`` has them; runs a killed trial left open end as KILLED. A tracking server that
+    does not answer is said on ``console`` (a rich Console), not raised: --resume closes them."""
+    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[state["status"]]
+    tags = {"blocked": json.dumps(summary["blocked_arms"])} if summary else None
+    metrics = {f"trials_{k}": summary[k] for k in (*OUTCOMES, "blocked")} if summary else None
+    try:
+        end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
+        finish_parent(uri, state["parent_run_id"], status, tags, metrics)
+    except Exception as e:  # noqa: BLE001 -- the tracking server may be the reason we stopped
+        console.print(f"[yellow]could not close the sweep's MLflow run ({str(e).splitlines()[0][:200]}); "
+                      f"--resume will[/]", highlight=False)

@@ -257,3 +257,41 @@ def test_a_foreign_ray_cluster_is_never_joined(tmp_path, data_dir):
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)
 
+
+
+def test_the_ray_cluster_joined_going_away_is_one_line_and_saved(tmp_path, data_dir):
+    """A cluster joined with --address shut down mid-sweep: Ray's core worker ends the driver from C++
+    (exit 1, no Python), and the `dlsweep run` process that outlives it says so and saves the state."""
+    from ray.cluster_utils import Cluster
+
+    raw = {**SWEEP, "finetune": {**SWEEP["finetune"], "arms": {"scratch": {}}, "labels": [20], "steps": [3000],
+                                  "eval_every": 20}}
+    del raw["pretrain"]
+    path, store = write(tmp_path, raw), tmp_path / "store"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--address",
+                             cluster.address], cwd=ROOT, env={**os.environ, "DLSWEEP_DATA_DIR": data_dir},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((store / "ray").glob("*/*/study-*/*/checkpoint_*")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)  # until a trial has reported
+        assert state_of(store)["status"] == "running"
+        cluster.shutdown()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, out + err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error: the Ray cluster at ") and "went away mid-sweep; state saved" in line
+        assert line.endswith(f"continue with: dlsweep run {path} --resume --store {store}")
+        assert "Traceback" not in out + err
+        assert state_of(store)["status"] == "interrupted"
+        runs = runs_of(sqlite(store))
+        assert runs and all(r.info.status == "KILLED" and r.data.tags["dlsweep.outcome"] == "interrupted" for r in runs)
+        parent = MlflowClient(sqlite(store)).get_run(state_of(store)["parent_run_id"])
+        assert parent.info.status == "KILLED"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # passed on to the driver, which runs in a session of its own
+            proc.communicate(timeout=60)
+        cluster.shutdown()
