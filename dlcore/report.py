@@ -474,9 +474,14 @@ def protocol(spec, trials: list[Trial]) -> str:
     if ft.search:
         space = ", ".join(f"{k} ~ {kind}{json.dumps(arg)}"
                           for k, dist in ft.search.items() for kind, arg in dist.model_dump(exclude_none=True).items())
-        search = f"{ft.samples} Optuna TPE sample(s) per cell over {space}"
-        if ft.samples <= 4:
-            search += f"; with {ft.samples} ≤ 4 samples TPE (n_startup_trials=4) is pure random sampling"
+        from .search import STARTUP
+
+        sobol = "points of a scrambled Sobol sequence (space-filling, no model)"
+        search = f"{ft.samples} Optuna sample(s) per cell over {space}, " + (
+            f"all at {sobol}" if ft.samples <= STARTUP else
+            f"the first {STARTUP} at {sobol}, the rest by TPE fitted to the cell's trials finished by then")
+        if any(dist.choice for dist in ft.search.values()):
+            search += " (choice keys: drawn at random in the Sobol samples)"
     else:
         search = f"none; {ft.samples} trial(s) per cell with the sweep's fixed hyperparameters"
     asha = (f"; ASHA may stop unpromising trials after {spec.asha.grace_period} steps, and only trials that ran to "

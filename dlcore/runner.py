@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from . import cache, tracking  # noqa: E402
+from . import cache, search, tracking  # noqa: E402
 from . import data as D  # noqa: E402
 from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
 from .train import DIVERGED_ABOVE, TrainConfig, train  # noqa: E402
@@ -80,19 +81,19 @@ def run_trial(config: dict, data: dict) -> None:
 
 class StudySearch(Searcher):
     """Hands out the study's trials: pretraining stages first, then grid cells; within each cell an
-    OptunaSearch samples ``space`` as many times as that cell's entry in ``samples``.
+    OptunaSearch samples ``space`` (tune domains) as many times as that cell's entry in ``samples``.
 
     Tune has no trial dependencies (ray-project/ray#23654), so they live here: a job that starts
     from a stage is held back until that stage's cache entry is whole, and jobs whose stage failed
     or diverged stay held (blocked) while everything else runs. Cells are visited breadth first
     (every cell's first sample, then every cell's second, ...), so a partial sweep already covers
-    the whole grid.
+    the whole grid. ``seed`` differs between the tuners of one sweep.
     """
 
     def __init__(self, stages: list[dict], cells: list[dict], space: dict, samples: list[int], metric: str, mode: str,
                  cache_dir: str, ready: set[str], seed: int = 0):
         super().__init__(metric=metric, mode=mode)
-        self.stages, self.cells, self.space, self.seed = stages, cells, space, seed
+        self.stages, self.cells, self.space, self.seed = stages, cells, OptunaSearch.convert_search_space(space), seed
         self.cache_dir, self.ready, self.failed = cache_dir, set(ready), set()
         self.queue = [("stage", i) for i in range(len(stages))]
         self.queue += [("cell", i) for r in range(max(samples, default=0)) for i, n in enumerate(samples) if r < n]
@@ -107,7 +108,10 @@ class StudySearch(Searcher):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            sampler = optuna.samplers.TPESampler(seed=self.seed + cell, n_startup_trials=4)
+            # Seeded by the cell and the tuner: a cell resumed in a later tuner draws new points, not
+            # the ones its finished trials already ran.
+            seed = zlib.crc32(f"{self.seed}/{self.cells[cell]['key']}".encode())
+            sampler = search.SobolThenTPE(self.space, search.STARTUP, seed)
             self.optuna[cell] = OptunaSearch(self.space, metric=self.metric, mode=self.mode, sampler=sampler)
         return self.optuna[cell]
 
@@ -551,7 +555,7 @@ class Study:
         space = {k: d.to_tune() for k, d in sweep.finetune.search.items()} if sweep.finetune else {}
         searcher = StudySearch([_job_config(j, self.paths, self.threads) for j in stages],
                                [_job_config(c, self.paths, self.threads) for c, _ in cells], space, [n for _, n in cells],
-                               sweep.metric, sweep.mode, str(self.paths.cache), ready)
+                               sweep.metric, sweep.mode, str(self.paths.cache), ready, seed=self.state["tuners"].index(name))
         scheduler = (CellASHA(sweep.metric, sweep.mode, sweep.asha.grace_period, sweep.asha.reduction_factor)
                      if sweep.asha.enabled else FIFOScheduler())
         mlflow_cb = tracking.MlflowCallback(self.uri, self.state["experiment_id"], self.state["parent_run_id"],

@@ -168,8 +168,9 @@ def test_trials_blocked_cells_and_protocol(known):
     assert "**6 cell(s) blocked (pretraining stage dae diverged):** dae/labels=100/steps=200/seed=0" in md
     assert "| finetune | 24 | 0 | 1 | 1 | 1 |" in md and "| dae | 0 | 0 | 1 | 0 | 0 |" in md
     assert "Validation: 5,000 labelled training images held out (split seed 0" in md
-    assert "2 Optuna TPE sample(s) per cell over lr ~ loguniform[0.0001, 0.01]; with 2 ≤ 4 samples TPE" in md
-    assert "pure random sampling" in md and "Seeds: 0, 1, 2" in md and "highest val_acc" in md
+    assert ("2 Optuna sample(s) per cell over lr ~ loguniform[0.0001, 0.01], all at points of a scrambled Sobol sequence "
+            "(space-filling, no model)") in md
+    assert "Seeds: 0, 1, 2" in md and "highest val_acc" in md
     # the report names the experiment and run, never a path of this machine
     assert f"Experiment `known`, sweep run `{parent}`." in md
     assert str(tmp_path) not in md and "sqlite" not in md
