@@ -1,12 +1,20 @@
-"""How a grid cell's hyperparameters are searched: ``SobolThenTPE`` samples every cell's Optuna study."""
+"""How a grid cell's hyperparameters are searched, and which values a search picked.
+
+``SobolThenTPE`` is the sampler of every cell's Optuna study. ``keep_best`` and ``picks`` say which
+values the search of a first-seed cell picked (``finetune.search_scope: cell``), live in the searcher
+and after the fact from Tune's results, by the same rule.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, QMCSampler, TPESampler
+
+from .tracking import outcome
 
 STARTUP = 4  # samples of a cell drawn from the Sobol sequence before TPE takes over
 
@@ -56,3 +64,21 @@ class SobolThenTPE(BaseSampler):
         self.qmc.reseed_rng()
         self.tpe.reseed_rng()
 
+
+def keep_best(picks: dict, key: str, value: float, values: dict, mode: str) -> None:
+    """Keep in ``picks[key]`` the (validation value, searched values) of the best trial seen; of equal
+    values the first stays."""
+    if key not in picks or (value > picks[key][0] if mode == "max" else value < picks[key][0]):
+        picks[key] = (value, values)
+
+
+def picks(results: Iterable, cells: set[str], keys: Iterable[str], metric: str, mode: str) -> dict[str, tuple[float, dict]]:
+    """Cell key -> (best ``best_<metric>``, searched values) of the completed trial each of ``cells``
+    selects, from finished Tune results (``tune.Result``: config and last metrics). A cell with no
+    completed trial has no entry."""
+    out: dict = {}
+    for r in results:
+        job = (r.config or {}).get("job")
+        if job and job["key"] in cells and outcome(r.metrics, errored=r.error is not None) == "completed":
+            keep_best(out, job["key"], r.metrics[f"best_{metric}"], {k: job["train"][k] for k in keys}, mode)
+    return out

@@ -1,4 +1,4 @@
-"""The cell sampler through Ray's OptunaSearch, as the runner uses it."""
+"""The cell sampler through Ray's OptunaSearch, as the runner uses it, and the picks of a search."""
 
 import math
 
@@ -6,10 +6,11 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from ray import tune
+from ray.tune import Result
 from ray.tune.search.optuna import OptunaSearch
 from scipy.stats import qmc
 
-from dlcore.search import STARTUP, SobolThenTPE
+from dlcore.search import STARTUP, SobolThenTPE, picks
 
 LOW, HIGH = 1e-5, 1e-1
 SPACE = {"lr": tune.loguniform(LOW, HIGH)}
@@ -58,3 +59,27 @@ def test_after_the_startup_samples_tpe_proposes_from_the_finished_trials():
     fifth = qmc.Sobol(1, scramble=True, seed=seed).random(2 * STARTUP)[STARTUP, 0]
     assert log_position(nxt) != pytest.approx(fifth)  # not the Sobol sequence any more
 
+
+def result(key: str, lr: float, best: float | None, test: bool = True, error: bool = False) -> Result:
+    """A finished trial as Tune's ResultGrid holds it: config and last metrics."""
+    metrics = {"config": {"job": {"key": key, "train": {"lr": lr, "steps": 20}}}, "done": True}
+    if best is not None:
+        metrics["best_val_acc"] = best
+    if test:
+        metrics.update(test_loss=1.0, test_acc=0.5)
+    return Result(metrics=metrics, checkpoint=None, error=RuntimeError("x") if error else None, path="")
+
+
+def test_picks_are_the_completed_trial_with_the_best_validation_value():
+    results = [
+        result("a/seed=0", 1e-3, 0.80),
+        result("a/seed=0", 2e-3, 0.90),
+        result("a/seed=0", 3e-3, 0.95, test=False),  # stopped early: never picked
+        result("a/seed=0", 4e-3, 0.99, error=True),  # failed
+        result("a/seed=0", 5e-3, 0.90),  # ties the best: the first stays
+        result("b/seed=0", 1e-4, None, test=False, error=True),
+        result("a/seed=1", 9e-3, 0.99),  # a follow-up: not a cell that searched
+        Result(metrics={}, checkpoint=None, error=RuntimeError("before any report"), path=""),
+    ]
+    assert picks(results, {"a/seed=0", "b/seed=0"}, ["lr"], "val_acc", "max") == {"a/seed=0": (0.90, {"lr": 2e-3})}
+    assert picks(results, {"a/seed=0"}, ["lr"], "val_acc", "min") == {"a/seed=0": (0.80, {"lr": 1e-3})}
