@@ -99,7 +99,10 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
         err.print(f"interrupted ({counts or 'no trial finished'}); continue with: {again}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     if state["status"] == "failed":
-        blocked = f"; blocked: arms {', '.join(s['blocked_arms'])} (stage {', '.join(s['blocked_stages'])} failed or diverged)" if s["blocked"] else ""
+        held = ([f"arms {', '.join(s['blocked_arms'])} (stage {', '.join(s['blocked_stages'])} failed or diverged)"]
+                if s["blocked_arms"] else [])
+        held += [f"the other seeds of {cell} (its search completed no trial)" for cell in s["blocked_searches"]]
+        blocked = "; blocked: " + "; ".join(held) if held else ""
         err.print(f"[bold red]not done[/]: {counts}{blocked}; rerun failed trials with: {again}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[bold green]done[/] ({counts}): experiment '{sweep.tracking.experiment or sweep.name}', parent run "
@@ -127,7 +130,8 @@ def _print_plan(p: dict) -> None:
         console.print(t)
     ft = p["finetune"]
     if ft:
-        t = Table("axis", "values", title=f"fine-tune grid: {p['grid_cells']} cells x {ft['samples_per_cell']} samples")
+        samples, cell_scope = ft["samples_per_cell"], ft["search_scope"] == "cell"
+        t = Table("axis", "values", title=f"fine-tune grid: {p['grid_cells']} cells" + ("" if cell_scope else f" x {samples} samples"))
         t.add_row("arms", ", ".join(f"{k} ({v})" for k, v in ft["arms"].items()))
         t.add_row("labels", str(ft["labels"]))
         one_run = p["steps_read_off_one_run"]
@@ -136,6 +140,8 @@ def _print_plan(p: dict) -> None:
         t.add_row("seeds", str(ft["seeds"]))
         for k, v in ft["search"].items():
             t.add_row(f"search {k}", json.dumps(v))
+        if cell_scope:
+            t.add_row("search scope", f"cell: {samples} samples on seed {ft['seeds'][0]}; 1 per other seed, with its pick")
         console.print(t)
     r = p["resources_per_trial"]
     asha = "ASHA " + (f"grace {p['asha']['grace_period']} steps, x{p['asha']['reduction_factor']}" if p["asha"]["enabled"] else "off")

@@ -129,9 +129,15 @@ def _value(v) -> str:
 
 
 def hyperparameters(cell: Cell, keys: tuple) -> str:
-    """Each seed's chosen values: 's0: lr=0.001; s1: lr=0.003'."""
-    return "; ".join(f"s{t.seed}: " + " ".join(f"{k}={_value(t.params[k])}" for k in sorted(keys) if k in t.params)
-                     for t in cell.trials if any(k in t.params for k in keys))
+    """Each seed's chosen values: 's0: lr=0.001; s1: lr=0.003'. Where the other seeds trained with the
+    values the first seed's search picked (search_scope cell, logged as param cell.search_from_seed)
+    and every seed shows them, once: 'lr=0.001 (searched on seed 0, shared by all seeds)'."""
+    trials = [t for t in cell.trials if any(k in t.params for k in keys)]
+    values = {t.seed: " ".join(f"{k}={_value(t.params[k])}" for k in sorted(keys) if k in t.params) for t in trials}
+    searched_on = {t.params.get("cell.search_from_seed") for t in trials} - {None}
+    if len(searched_on) == 1 and len(set(values.values())) == 1:
+        return f"{values[trials[0].seed]} (searched on seed {searched_on.pop()}, shared by all seeds)"
+    return "; ".join(f"s{seed}: {v}" for seed, v in values.items())
 
 
 def paired_differences(cells: list[Cell], baseline: str = BASELINE) -> list[dict]:
@@ -618,9 +624,18 @@ def protocol(spec, trials: list[Trial]) -> str:
     if ft.search:
         space = ", ".join(f"{k} ~ {kind}{json.dumps(arg)}"
                           for k, dist in ft.search.items() for kind, arg in dist.model_dump(exclude_none=True).items())
-        search = f"{ft.samples} Optuna TPE sample(s) per cell over {space}"
-        if ft.samples <= 4:
-            search += f"; with {ft.samples} ≤ 4 samples TPE (n_startup_trials=4) is pure random sampling"
+        from .search import STARTUP
+
+        sobol = "points of a scrambled Sobol sequence (space-filling, no model)"
+        search = f"{ft.samples} Optuna sample(s) per cell over {space}, " + (
+            f"all at {sobol}" if ft.samples <= STARTUP else
+            f"the first {STARTUP} at {sobol}, the rest by TPE fitted to the cell's trials finished by then")
+        if any(dist.choice for dist in ft.search.values()):
+            search += " (choice keys: drawn at random in the Sobol samples)"
+        first = ft.seeds[0]
+        search += ("; each (arm, labels, steps, seed) cell searched on its own" if ft.search_scope == "seed" else
+                   f"; searched on seed {first} only: every other seed trained one trial with the values of seed "
+                   f"{first}'s selected trial in the same (arm, labels, steps) cell")
     else:
         search = f"none; {ft.samples} trial(s) per cell with the sweep's fixed hyperparameters"
     asha = (f"; ASHA may stop unpromising trials after {spec.asha.grace_period} steps, and only trials that ran to "

@@ -1,7 +1,8 @@
 """Runs a validated sweep on Ray Tune: cached pretraining stages, then the fine-tune grid.
 
 Grid axes (arm x labels x steps x seed) are enumerated; inside each grid cell Optuna samples
-the searched hyperparameters and ASHA stops weak trials against the others of the same cell
+the searched hyperparameters (with search_scope cell, only in the first seed's cells, whose pick
+the other seeds reuse) and ASHA stops weak trials against the others of the same cell
 (comparing a 100-label trial with a 10,000-label one would stop every low-budget trial).
 """
 
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from . import cache, tracking  # noqa: E402
+from . import cache, search, tracking  # noqa: E402
 from . import data as D  # noqa: E402
 from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
 from .store import Paths, write_state  # noqa: E402
@@ -85,24 +87,31 @@ def run_trial(config: dict, data: dict) -> None:
 
 class StudySearch(Searcher):
     """Hands out the study's trials: pretraining stages first, then grid cells; within each cell an
-    OptunaSearch samples ``space`` as many times as that cell's entry in ``samples``.
+    OptunaSearch samples ``space`` (tune domains) as many times as that cell's entry in ``samples``.
 
     Tune has no trial dependencies (ray-project/ray#23654), so they live here: a job that starts
-    from a stage is held back until that stage's cache entry is whole, and jobs whose stage failed
-    or diverged stay held (blocked) while everything else runs. Cells are visited breadth first
-    (every cell's first sample, then every cell's second, ...), so a partial sweep already covers
-    the whole grid.
+    from a stage is held back until that stage's cache entry is whole; a cell led by another
+    (search_scope cell) is held back until its lead's search has ended, then runs with the values
+    that search picked (``picks``: lead key -> (value, values), those of earlier tuners included).
+    Jobs whose stage failed or diverged, or whose lead completed no trial, stay held (blocked) while
+    everything else runs. Cells are visited breadth first (every cell's first sample, then every
+    cell's second, ...), so a partial sweep already covers the whole grid. ``seed`` differs between
+    the tuners of one sweep.
     """
 
     def __init__(self, stages: list[dict], cells: list[dict], space: dict, samples: list[int], metric: str, mode: str,
-                 cache_dir: str, ready: set[str], seed: int = 0):
+                 cache_dir: str, ready: set[str], picks: dict | None = None, seed: int = 0):
         super().__init__(metric=metric, mode=mode)
-        self.stages, self.cells, self.space, self.seed = stages, cells, space, seed
+        self.stages, self.cells, self.space, self.seed = stages, cells, OptunaSearch.convert_search_space(space), seed
         self.cache_dir, self.ready, self.failed = cache_dir, set(ready), set()
         self.queue = [("stage", i) for i in range(len(stages))]
         self.queue += [("cell", i) for r in range(max(samples, default=0)) for i, n in enumerate(samples) if r < n]
         self.optuna: dict[int, OptunaSearch] = {}
         self.live: dict[str, tuple[str, int]] = {}
+        self.index = {c["key"]: i for i, c in enumerate(cells)}
+        self.leads = {c["lead"] for c in cells if c.get("lead")}
+        self.picks: dict[str, tuple[float, dict]] = dict(picks or {})
+        self.values: dict[str, dict] = {}  # trial id -> the searched values it runs with
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
@@ -112,7 +121,10 @@ class StudySearch(Searcher):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            sampler = optuna.samplers.TPESampler(seed=self.seed + cell, n_startup_trials=4)
+            # Seeded by the cell and the tuner: a cell resumed in a later tuner draws new points, not
+            # the ones its finished trials already ran.
+            seed = zlib.crc32(f"{self.seed}/{self.cells[cell]['key']}".encode())
+            sampler = search.SobolThenTPE(self.space, search.STARTUP, seed)
             self.optuna[cell] = OptunaSearch(self.space, metric=self.metric, mode=self.mode, sampler=sampler)
         return self.optuna[cell]
 
@@ -120,7 +132,15 @@ class StudySearch(Searcher):
         kind, i = item
         return self.stages[i] if kind == "stage" else self.cells[i]
 
+    def _searching(self, lead: str) -> bool:
+        """Whether the lead cell has trials in this tuner still to hand out or running."""
+        item = ("cell", self.index.get(lead))
+        return item in self.queue or item in self.live.values()
+
     def _runnable(self, item: tuple[str, int]) -> bool:
+        lead = self._job(item).get("lead")
+        if lead is not None and (self._searching(lead) or lead not in self.picks):
+            return False
         source = self._job(item).get("source")
         if source is None or source in self.ready:
             return True
@@ -130,21 +150,32 @@ class StudySearch(Searcher):
             return True
         return False
 
-    @property
-    def blocked(self) -> list[dict]:
-        """Jobs held back because the stage they start from failed or diverged."""
-        return [self._job(item) for item in self.queue if self._job(item).get("source") in self.failed]
+    def _blocked(self, item: tuple[str, int]) -> bool:
+        """Held for good: the stage it starts from failed or diverged, or its lead's search is held
+        for good or ended without a completed trial."""
+        job = self._job(item)
+        if job.get("source") in self.failed:
+            return True
+        lead = job.get("lead")
+        if lead is None or lead in self.picks:
+            return False
+        searched = ("cell", self.index.get(lead))
+        if searched in self.live.values():
+            return False
+        return searched not in self.queue or self._blocked(searched)
 
     def suggest(self, trial_id: str):
         item = next((it for it in self.queue if self._runnable(it)), None)
         if item is None:
-            waiting = any(self._job(it)["source"] not in self.failed for it in self.queue)
+            waiting = any(not self._blocked(it) for it in self.queue)
             return None if self.queue and (self.live or waiting) else Searcher.FINISHED
         self.queue.remove(item)
         self.live[trial_id] = item
         job = json.loads(json.dumps(self._job(item)))
         if item[0] == "cell" and self.space:
-            job["train"].update(self._searcher(item[1]).suggest(trial_id))
+            lead = job.get("lead")
+            self.values[trial_id] = dict(self.picks[lead][1]) if lead else self._searcher(item[1]).suggest(trial_id)
+            job["train"].update(self.values[trial_id])
         return {"job": job}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
@@ -160,9 +191,15 @@ class StudySearch(Searcher):
             else:
                 self.failed.add(key)
         elif self.space:
+            values = self.values.pop(trial_id)
+            if self.cells[i].get("lead"):  # it ran with its lead's pick: nothing for a search to learn
+                return
             if result and f"best_{self.metric}" in result:  # a finished trial is worth its best validation value
                 result = {**result, self.metric: result[f"best_{self.metric}"]}
             self._searcher(i).on_trial_complete(trial_id, result, error)
+            key = self.cells[i]["key"]
+            if key in self.leads and tracking.outcome(result, errored=error) == "completed":
+                search.keep_best(self.picks, key, result[self.metric], values, self.mode)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -305,7 +342,7 @@ def _job_config(job: Job, paths: Paths, threads: int) -> dict:
     train = dict(job.train, threads=threads)
     if job.source:
         train["init_encoder"] = str(paths.cache / job.source / "encoder.pt")
-    config = {"train": train, "tags": job.tags, "key": job.key, "source": job.source}
+    config = {"train": train, "tags": job.tags, "key": job.key, "source": job.source, "lead": job.lead}
     if job.stage != "finetune":
         config["cache"] = str(paths.cache)
     return config
@@ -504,7 +541,6 @@ class Study:
         self.threads = threads
         self.stages = list(pretrain_jobs(sweep).values())
         self.cells = finetune_cells(sweep)
-        self.samples = sweep.finetune.samples if sweep.finetune else 0
         self.results: dict[str, list] = {}  # tuner name -> its results (tune.Result)
         self.tracking_lost = False
 
@@ -517,7 +553,8 @@ class Study:
         space = {k: d.to_tune() for k, d in sweep.finetune.search.items()} if sweep.finetune else {}
         searcher = StudySearch([_job_config(j, self.paths, self.threads) for j in stages],
                                [_job_config(c, self.paths, self.threads) for c, _ in cells], space, [n for _, n in cells],
-                               sweep.metric, sweep.mode, str(self.paths.cache), ready)
+                               sweep.metric, sweep.mode, str(self.paths.cache), ready, self._picks(),
+                               self.state["tuners"].index(name))
         scheduler = (CellASHA(sweep.metric, sweep.mode, sweep.asha.grace_period, sweep.asha.reduction_factor)
                      if sweep.asha.enabled else FIFOScheduler())
         mlflow_cb = tracking.MlflowCallback(self.uri, self.state["experiment_id"], self.state["parent_run_id"],
@@ -563,10 +600,11 @@ class Study:
                 return
             tracking.delete_interrupted_runs(self.uri, self.state["experiment_id"], self.state["parent_run_id"])
             self.console.print(f"still owed: {len(stages)} pretraining run(s) and {sum(n for _, n in cells)} trial(s) of "
-                               f"{len(cells)} cell(s) (interrupted, or held back by a stage that has now run)", highlight=False)
+                               f"{len(cells)} cell(s) (interrupted, or held back by a stage or first-seed search that has now "
+                               "run)", highlight=False)
         else:
             ready = _cached_stages(self.stages, self.paths, self.console)
-            stages, cells = [j for j in self.stages if j.key not in ready], [(c, self.samples) for c in self.cells]
+            stages, cells = [j for j in self.stages if j.key not in ready], [(c, c.samples) for c in self.cells]
             return self._start_tuner(stages, cells, ready)
         self._start_tuner(stages, cells, self._ready())
 
@@ -592,28 +630,45 @@ class Study:
                     ended[r.config["job"]["key"]] += 1
         return ended
 
-    def owed(self) -> tuple[list[Job], list[tuple[Job, int]], list[tuple[Job, int]]]:
+    def _picks(self) -> dict[str, tuple[float, dict]]:
+        """What the search of each lead cell picked in the tuners so far (search_scope cell)."""
+        keys = list(self.sweep.finetune.search) if self.sweep.finetune else []
+        results = (r for rs in self.results.values() for r in rs)
+        return search.picks(results, {c.lead for c in self.cells if c.lead}, keys, self.sweep.metric, self.sweep.mode)
+
+    def owed(self) -> tuple[list[Job], list[tuple[Job, int]], list[tuple[Job, int, str]]]:
         """What this invocation still owes: stages to (re)run, cells with their missing trials that
-        can run, and cells held back because their stage failed or diverged."""
-        ready, ended = self._ready(), self._ended()
+        can run, and cells held back with why: 'stage' (the stage it, or its lead, starts from failed
+        or diverged) or 'search' (its lead's search ended without a completed trial)."""
+        ready, ended, picks = self._ready(), self._ended(), self._picks()
         stages = [j for j in self.stages if j.key not in ready and not ended[j.key]]
-        pending = {j.key for j in stages}
+        startable = ready | {j.key for j in stages}
+        by_key = {c.key: c for c in self.cells}
         runnable, blocked = [], []
         for c in self.cells:
-            n = self.samples - ended[c.key]
-            if n > 0:
-                (runnable if c.source is None or c.source in ready or c.source in pending else blocked).append((c, n))
+            n = c.samples - ended[c.key]
+            if n <= 0:
+                continue
+            lead = by_key.get(c.lead)
+            if any(j.source is not None and j.source not in startable for j in (c, lead) if j is not None):
+                blocked.append((c, n, "stage"))
+            elif lead and ended[lead.key] >= lead.samples and lead.key not in picks:
+                blocked.append((c, n, "search"))
+            else:
+                runnable.append((c, n))
         return stages, runnable, blocked
 
     def summary(self) -> dict:
-        """Counts of trials by outcome, blocked trials (their stage failed or diverged) and unfinished ones."""
+        """Counts of trials by outcome, blocked trials (their stage failed or diverged, or their first
+        seed's search completed no trial) and unfinished ones."""
         counts = Counter()
         for rs in self.results.values():
             for r in rs:
                 counts[tracking.outcome(r.metrics, errored=r.error is not None)] += 1
         stages, runnable, blocked = self.owed()
-        stage_of = {j.key: j.stage for j in self.stages}
-        return {**{k: counts[k] for k in tracking.OUTCOMES}, "blocked": sum(n for _, n in blocked),
-                "blocked_arms": sorted({c.tags["arm"] for c, _ in blocked}),
-                "blocked_stages": sorted({stage_of[c.source] for c, _ in blocked}),
+        by_stage = [c for c, _, why in blocked if why == "stage"]
+        return {**{k: counts[k] for k in tracking.OUTCOMES}, "blocked": sum(n for _, n, _ in blocked),
+                "blocked_arms": sorted({c.tags["arm"] for c in by_stage}),
+                "blocked_stages": sorted({self.sweep.finetune.arms[c.tags["arm"]].from_ for c in by_stage}),
+                "blocked_searches": sorted({c.lead for c, _, why in blocked if why == "search"}),
                 "unfinished": len(stages) + sum(n for _, n in runnable)}

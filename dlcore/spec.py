@@ -159,8 +159,12 @@ class FinetuneSpec(Params):
     labels: grid(Union[int, float])
     steps: grid(int)
     seeds: grid(Seed) = Field(default_factory=lambda: [0])
-    samples: int = Field(1, gt=0)  # Optuna samples per grid cell
+    samples: int = Field(1, gt=0)  # Optuna samples per grid cell (per first-seed cell with search_scope cell)
     search: dict[str, Distribution] = Field(default_factory=dict)
+    # seed: every (arm, labels, steps, seed) cell runs its own search. cell: only the first seed's
+    # cell searches; every other seed trains once with the values of that search's selected trial,
+    # so that seeds differ by their data and initialisation, not by their hyperparameters.
+    search_scope: Literal["seed", "cell"] = "seed"
 
     @field_validator("labels")
     @classmethod
@@ -190,6 +194,9 @@ class FinetuneSpec(Params):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.search_scope == "cell" and not self.search:
+            raise At("search_scope", "cell shares the values the first seed's search picks, but finetune.search is "
+                                     "empty; search something, or use search_scope seed", also=("search",))
         for key in self.search:  # the searched value replaces a set one in every trial
             for where, p in [("", self), *((f"arms.{n}.", a) for n, a in self.arms.items())]:
                 if getattr(p, key) is not None:
@@ -464,6 +471,8 @@ class Job:
     tags: dict
     source: Optional[str] = None  # key of the pretraining job whose encoder it starts from
     key: str = ""  # content hash: identical jobs share it (the pretrain cache key)
+    samples: int = 1  # trials of it the study runs
+    lead: Optional[str] = None  # key of the cell whose search picks this cell's searched values (search_scope cell)
 
 
 def pretrain_jobs(sweep: Sweep) -> dict[tuple[str, int], Job]:
@@ -505,7 +514,8 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
     """Every grid cell (arm x labels x steps x seed) as a job without its searched values.
 
     Where an arm reads its step budgets off one run, its cells of every budget are one job at the
-    largest budget, which records the smaller ones on the way (``step_budgets``)."""
+    largest budget, which records the smaller ones on the way (``step_budgets``). With search_scope
+    cell, a cell of a later seed runs one trial, led by the first seed's cell."""
     ft = sweep.finetune
     if ft is None:
         return []
@@ -531,12 +541,17 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
             train["finetune"] = "full"
         cell = f"{arm_name}/labels={labels}/steps={steps}/seed={seed}"
         tags = {"stage": "finetune", "arm": arm_name, "labels": labels, "steps": steps, "seed": seed, "cell": cell,
-                "pretrained_from": arm.from_ or "", "validation": sweep.validation.protocol}
+                "pretrained_from": arm.from_ or "", "validation": sweep.validation.protocol,
+                "search_scope": ft.search_scope}
         if budgets:
             tags["step_budgets"] = ",".join(map(str, budgets["step_budgets"]))
         if arm.grid_of:
             tags.update(arm_of=arm.grid_of, point=json.dumps(arm.point))
-        cells.append(Job("finetune", train, tags, source, cell))
+        lead = None
+        if ft.search_scope == "cell" and seed != ft.seeds[0]:
+            lead = f"{arm_name}/labels={labels}/steps={steps}/seed={ft.seeds[0]}"
+            tags["search_from_seed"] = ft.seeds[0]
+        cells.append(Job("finetune", train, tags, source, cell, 1 if lead else ft.samples, lead))
     return cells
 
 
@@ -617,7 +632,7 @@ def plan(sweep: Sweep) -> dict:
     """What a run would do, as plain data (``--dry-run``)."""
     pre = pretrain_jobs(sweep)
     cells = finetune_cells(sweep)
-    samples = sweep.finetune.samples if sweep.finetune else 0
+    trials = sum(c.samples for c in cells)
     return {
         "name": sweep.name,
         "dataset": sweep.data.dataset,
@@ -634,11 +649,12 @@ def plan(sweep: Sweep) -> dict:
             "steps": sweep.finetune.steps,
             "seeds": sweep.finetune.seeds,
             "search": {k: v.model_dump(exclude_none=True) for k, v in sweep.finetune.search.items()},
-            "samples_per_cell": samples,
+            "samples_per_cell": sweep.finetune.samples,
+            "search_scope": sweep.finetune.search_scope,
         },
         "grid_cells": len(cells),
-        "finetune_trials": len(cells) * samples,
-        "total_trials": len(pre) + len(cells) * samples,
+        "finetune_trials": trials,
+        "total_trials": len(pre) + trials,
         "validation": sweep.validation.model_dump(),
         "steps_read_off_one_run": sorted(a for a in sweep.finetune.arms if reads_steps_off_one_run(sweep, a))
         if sweep.finetune else [],

@@ -354,7 +354,8 @@ def finish_sweep(uri: str, state: dict, console, summary: dict | None = None) ->
     when ``summary`` has them; runs a killed trial left open end as KILLED. A tracking server that
     does not answer is said on ``console`` (a rich Console), not raised: --resume closes them."""
     status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[state["status"]]
-    tags = {"blocked": json.dumps(summary["blocked_arms"])} if summary else None
+    tags = {"blocked": json.dumps(summary["blocked_arms"]),
+            "blocked_searches": json.dumps(summary["blocked_searches"])} if summary else None
     metrics = {f"trials_{k}": summary[k] for k in (*OUTCOMES, "blocked")} if summary else None
     try:
         end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])

@@ -53,6 +53,14 @@ def test_dry_run_table_names_stages_and_resources(tmp_path):
     assert "per trial 1.0 CPU, 0.0 GPU" in result.output
 
 
+def test_dry_run_says_where_a_cell_scope_search_runs(tmp_path):
+    result = runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run", "--set", "finetune.search_scope=cell"])
+    assert result.exit_code == 0, result.output
+    # arms x labels = 4 cells per seed (both step budgets read off one run), each 3 on seed 0 + 1 on seed 1
+    assert "study on mnist: 18 trials (2 pretraining, 16 fine-tune)" in result.output
+    assert "fine-tune grid: 8 cells" in result.output and "cell: 3 samples on seed 0; 1 per other seed" in result.output
+
+
 def test_smoke_keeps_what_set_sets(tmp_path):
     result = runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run", "--json", "--smoke", "--set", "finetune.samples=4"])
     assert result.exit_code == 0, result.output

@@ -106,6 +106,35 @@ def test_failed_pretraining_blocks_its_arms_then_resume_runs_them(tmp_path, data
     assert all(r.data.tags["dlsweep.outcome"] == "completed" for r in finetune)
 
 
+def test_a_first_seed_search_without_a_completed_trial_blocks_the_other_seeds_until_resume(tmp_path, data_dir):
+    """search_scope cell, everything of seed 0 failing: the pretrained arm's seed-1 cell waits on a stage that
+    failed, the scratch arm's on a search with no completed trial. --resume reruns what failed, then a
+    new tuner runs the pretrained arm's search and its seed 1, and the scratch seed 1 with the pick
+    reconstructed from the results of the earlier tuner."""
+    raw = {**SWEEP, "finetune": {**SWEEP["finetune"], "labels": [20], "seeds": [0, 1], "samples": 2, "search_scope": "cell",
+                                  "search": {"lr": {"loguniform": [1e-4, 1e-2]}}}}
+    path, store = write(tmp_path, raw), tmp_path / "store"
+    first = dlsweep(["run", path, "--store", store], data_dir, fault="seed == 0")
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "3 failed, 4 blocked; blocked: arms pretrained (stage ae failed or diverged); the other seeds of " \
+           "scratch/labels=20/steps=20/seed=0 (its search completed no trial)" in first.stderr
+    assert "seed=1" not in " ".join(r.data.tags.get("dlsweep.cell", "") for r in runs_of(sqlite(store)))
+    parent = MlflowClient(sqlite(store)).get_run(state_of(store)["parent_run_id"])
+    assert json.loads(parent.data.tags["dlsweep.blocked_searches"]) == ["scratch/labels=20/steps=20/seed=0"]
+    assert parent.data.metrics["trials_blocked"] == 4 and parent.data.metrics["trials_failed"] == 3
+
+    again = dlsweep(["run", path, "--store", store, "--resume"], data_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert state_of(store)["tuners"] == ["study-0", "study-1"] and "study-1: 0 pretraining run(s), 3 grid cells, 4 trials" in again.stdout
+    finetune = [r for r in runs_of(sqlite(store)) if r.data.tags["dlsweep.stage"] == "finetune"]
+    assert len(finetune) == 2 * 2 + 2 and {r.data.tags["dlsweep.outcome"] for r in finetune} == {"completed"}
+    for arm in ("scratch", "pretrained"):
+        searched = [r for r in finetune if r.data.tags["dlsweep.cell"] == f"{arm}/labels=20/steps=20/seed=0"]
+        (follower,) = [r for r in finetune if r.data.tags["dlsweep.cell"] == f"{arm}/labels=20/steps=20/seed=1"]
+        best = max(r.data.metrics["best_val_acc"] for r in searched)
+        assert follower.data.params["lr"] in {r.data.params["lr"] for r in searched if r.data.metrics["best_val_acc"] == best}
+
+
 def test_diverging_pretraining_is_not_cached_and_diverging_finetune_is_counted(tmp_path, data_dir):
     path, store = write(tmp_path), tmp_path / "store"
     result = dlsweep(["run", path, "--store", store, "--set", "pretrain.ae.lr=1e30", "--set", "finetune.arms.scratch.lr=1000"],

@@ -168,11 +168,38 @@ def test_trials_blocked_cells_and_protocol(known):
     assert "**6 cell(s) blocked (pretraining stage dae diverged):** dae/labels=100/steps=200/seed=0" in md
     assert "| finetune | 24 | 0 | 1 | 1 | 1 |" in md and "| dae | 0 | 0 | 1 | 0 | 0 |" in md
     assert "Validation: oracle: a fixed split of 5,000 labelled training images outside every budget (split seed 0" in md
-    assert "2 Optuna TPE sample(s) per cell over lr ~ loguniform[0.0001, 0.01]; with 2 ≤ 4 samples TPE" in md
-    assert "pure random sampling" in md and "Seeds: 0, 1, 2" in md and "highest val_acc" in md
+    assert ("2 Optuna sample(s) per cell over lr ~ loguniform[0.0001, 0.01], all at points of a scrambled Sobol sequence "
+            "(space-filling, no model); each (arm, labels, steps, seed) cell searched on its own") in md
+    assert "Seeds: 0, 1, 2" in md and "highest val_acc" in md
     # the report names the experiment and run, never a path of this machine
     assert f"Experiment `known`, sweep run `{parent}`." in md
     assert str(tmp_path) not in md and "sqlite" not in md
+
+
+def test_protocol_states_the_search_scope_and_where_tpe_starts():
+    raw = {**SPEC, "finetune": {**SPEC["finetune"], "samples": 6, "search_scope": "cell",
+                                "search": {**SPEC["finetune"]["search"], "batch_size": {"choice": [32, 64]}}}}
+    text = R.protocol(Sweep.model_validate(raw), [])
+    assert "6 Optuna sample(s) per cell over lr ~ loguniform[0.0001, 0.01], batch_size ~ choice[32, 64], the first 4 at " \
+           "points of a scrambled Sobol sequence (space-filling, no model), the rest by TPE" in text
+    assert "(choice keys: drawn at random in the Sobol samples)" in text
+    assert ("searched on seed 0 only: every other seed trained one trial with the values of seed 0's selected trial in "
+            "the same (arm, labels, steps) cell") in text
+
+
+def selected(seed: int, lr: str, **params) -> R.Trial:
+    return R.Trial(f"run{seed}", "scratch", "100", 100, 200, seed, "completed", 0.9, 0.8, params={"lr": lr, **params})
+
+
+def test_hyperparameters_once_when_searched_on_one_seed_and_shared():
+    shared = R.Cell("scratch", 100, 200, [selected(0, "0.00123"), selected(1, "0.00123", **{"cell.search_from_seed": "0"}),
+                                          selected(2, "0.00123", **{"cell.search_from_seed": "0"})])
+    assert R.hyperparameters(shared, ("lr",)) == "lr=0.00123 (searched on seed 0, shared by all seeds)"
+    own = R.Cell("scratch", 100, 200, [selected(0, "0.001"), selected(1, "0.003")])
+    assert R.hyperparameters(own, ("lr",)) == "s0: lr=0.001; s1: lr=0.003"
+    # seed 0 selected a trial other than its search's pick (a tie broken the other way): no claim of sharing
+    tied = R.Cell("scratch", 100, 200, [selected(0, "0.002"), selected(1, "0.001", **{"cell.search_from_seed": "0"})])
+    assert R.hyperparameters(tied, ("lr",)) == "s0: lr=0.002; s1: lr=0.001"
 
 
 def test_labels_total_from_a_logged_val_size_or_unknown_for_a_fraction(tmp_path):

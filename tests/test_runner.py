@@ -1,5 +1,6 @@
 """Real sweeps on a local Ray, real MNIST and a real sqlite MLflow store."""
 
+import csv
 import json
 import os
 import signal
@@ -195,3 +196,39 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_sweep, tmp_path, data_
     _, runs = child_runs(store, "tiny")
     assert runs and all(r.info.status != "RUNNING" for r in runs)  # interrupted runs are ended, not left open
     assert {r.data.tags["dlsweep.outcome"] for r in runs} <= {"completed", "interrupted"}
+
+
+def test_search_scope_cell_gives_the_other_seeds_the_first_seeds_pick(tiny_sweep, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("DLSWEEP_DATA_DIR", data_dir)
+    raw = yaml.safe_load(tiny_sweep.read_text())
+    raw["data"].update(val_size=300, test_size=500)
+    raw["pretrain"]["ae"].update(steps=20, eval_every=10)
+    raw["finetune"].update(labels=[20], steps=[20], seeds=[0, 1], samples=2, search_scope="cell")
+    raw["asha"]["enabled"] = False
+    tiny_sweep.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, ["run", str(tiny_sweep), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
+    _, runs = child_runs(store, "tiny", state["parent_run_id"])
+    assert len(runs) == 2 + 2 * 2 + 2  # ae per seed, 2 samples per arm on seed 0, 1 trial per arm on seed 1
+    finetune = [r for r in runs if r.data.tags["dlsweep.stage"] == "finetune"]
+    assert {r.data.tags["dlsweep.search_scope"] for r in finetune} == {"cell"}
+    for arm in ("scratch", "pretrained"):
+        searched = [r for r in finetune if r.data.tags["dlsweep.cell"] == f"{arm}/labels=20/steps=20/seed=0"]
+        (follower,) = [r for r in finetune if r.data.tags["dlsweep.cell"] == f"{arm}/labels=20/steps=20/seed=1"]
+        assert len(searched) == 2 and len({r.data.params["lr"] for r in searched}) == 2
+        assert all(r.data.tags["dlsweep.outcome"] == "completed" and "dlsweep.search_from_seed" not in r.data.tags
+                   for r in searched)
+        best = max(r.data.metrics["best_val_acc"] for r in searched)
+        assert follower.data.params["lr"] in {r.data.params["lr"] for r in searched if r.data.metrics["best_val_acc"] == best}
+        assert follower.data.tags["dlsweep.search_from_seed"] == "0"
+
+    out = tmp_path / "report"
+    rep = CliRunner().invoke(app, ["report", str(tiny_sweep), "--store", str(store), "--out", str(out)])
+    assert rep.exit_code == 0, rep.output
+    rows = {r["arm"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    for arm, row in rows.items():
+        follower = next(r for r in finetune if r.data.tags["dlsweep.cell"] == f"{arm}/labels=20/steps=20/seed=1")
+        assert row["hyperparameters"] == f"lr={float(follower.data.params['lr']):.3g} (searched on seed 0, shared by all seeds)"
+    assert "searched on seed 0 only" in (out / "report.md").read_text()

@@ -102,6 +102,24 @@ def test_fine_tune_cells_carry_grid_values_and_sources(tmp_path):
     assert all(c.train["validation"] == "realistic" and c.train["val_fraction"] == 0.2 for c in cells)
 
 
+def test_search_scope_cell_searches_on_the_first_seed_and_leads_the_others(tmp_path):
+    seeds = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.seeds=[3, 5, 7]"])
+    cell = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.seeds=[3, 5, 7]", "finetune.search_scope=cell"])
+    assert seeds.finetune.search_scope == "seed"  # the default: every seed searches on its own
+    assert {(c.samples, c.lead, c.tags["search_scope"]) for c in S.finetune_cells(seeds)} == {(3, None, "seed")}
+    cells = {c.key: c for c in S.finetune_cells(cell)}
+    follower = cells["pretrained/labels=20/steps=80/seed=5"]
+    assert follower.lead == "pretrained/labels=20/steps=80/seed=3" and follower.samples == 1
+    assert follower.tags["search_from_seed"] == 3 and follower.tags["search_scope"] == "cell"
+    assert cells[follower.lead].lead is None and cells[follower.lead].samples == 3
+    assert "search_from_seed" not in cells[follower.lead].tags
+    grid = 2 * 2  # arms x labels (the step budgets 40 and 80 are read off one run)
+    assert S.plan(seeds)["finetune_trials"] == grid * 3 * 3
+    p = S.plan(cell)
+    assert p["grid_cells"] == grid * 3 and p["finetune_trials"] == grid * (3 + 1 + 1)
+    assert p["total_trials"] == 3 + grid * 5 and p["finetune"]["search_scope"] == "cell"
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda r: r.update(bogus=1), "study.yaml: bogus: unknown key"),
     (lambda r: r["finetune"].update(lables=[10]), "finetune.lables: unknown key"),

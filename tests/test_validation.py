@@ -111,6 +111,9 @@ BAD = [
     pytest.param(None, S("finetune.search.batch_size={choice: [0, 64]}"), "finetune.search.batch_size: choice value 0: Input should be greater than or equal to 1", id="search choice out of range"),
     pytest.param(None, S("finetune.search.head_hidden={randint: [-2, 8]}"), "finetune.search.head_hidden: randint value -2: Input should be greater than or equal to 0", id="search randint out of range"),
     pytest.param(None, S("finetune.search.encoder={choice: [conv, vit]}"), "finetune.search.encoder: choice value 'vit': encoder 'vit' is not one of", id="search unknown encoder"),
+    pytest.param(None, S("finetune.search_scope=cells"), FS("finetune.search_scope=cells") + "finetune.search_scope: Input should be 'seed' or 'cell'", id="unknown search scope"),
+    pytest.param(change(finetune__search_scope="cell", finetune__search={}), [],
+                 F + "finetune.search_scope: cell shares the values the first seed's search picks, but finetune.search is empty", id="search scope cell without a search"),
     # encoder_args against the builders' signatures
     pytest.param(None, S("pretrain.ae.encoder_args.latnt_dim=8"),
                  FS("pretrain.ae.encoder_args.latnt_dim=8") + "pretrain.ae.encoder_args: unknown argument ['latnt_dim'] for encoder conv "
