@@ -43,6 +43,7 @@ def run(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
     set_: List[str] = typer.Option([], "--set", help="Override a key: --set finetune.seeds=[0,1] (value is YAML)."),
     smoke: bool = typer.Option(False, "--smoke", help="Shrink to a CPU-sized run: few steps, 1 seed, 2 budgets, 1 sample."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Apply the file's named profile (e.g. cpu); runs as <name>-<profile>."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; run nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run of this sweep."),
@@ -52,7 +53,7 @@ def run(
 ):
     """Run a sweep: pretraining stages once each, then the fine-tune grid on Ray Tune, logged to MLflow."""
     try:
-        sweep = load_sweep(sweep_file, set_, smoke=smoke)
+        sweep = load_sweep(sweep_file, set_, smoke=smoke, profile=profile)
         _data_dir_default(sweep)
         check_all(sweep, str(sweep_file))  # the same checks for --dry-run and a real run, before anything is written
     except SpecError as e:
@@ -77,9 +78,9 @@ def drive(job: str = typer.Argument(..., help="The run as JSON: spec, source, st
            j["resume"], supervised=True)
 
 
-def _again(sweep_file: Path, store: Path) -> str:
+def _again(sweep_file: Path, store: Path, profile: str | None = None) -> str:
     where = "" if store == Path("mlflow_runs") else f" --store {store}"
-    return f"dlsweep run {sweep_file} --resume{where}"
+    return f"dlsweep run {sweep_file} --resume{f' --profile {profile}' if profile else ''}{where}"
 
 
 def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None, resume: bool,
@@ -92,7 +93,7 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
                           console=console, supervised=supervised)
     except (SpecError, DataError, RunError) as e:
         fail(str(e), getattr(e, "code", 2))
-    again = _again(sweep_file, store)
+    again = _again(sweep_file, store, sweep.profile)
     s = state["summary"]
     counts = ", ".join(f"{s[k]} {k.replace('_', ' ')}" for k in ("completed", "stopped_early", "diverged", "failed", "blocked") if s[k])
     if state["status"] == "interrupted":
@@ -117,7 +118,7 @@ def _drive_apart(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str 
     job = {"spec": sweep.model_dump(mode="json", by_alias=True), "source": str(sweep_file), "store": str(store),
            "tracking_uri": tracking_uri, "address": address, "resume": resume}
     proc, _ = supervise([sys.executable, "-m", "dlcore.cli", "drive", json.dumps(job)])
-    return reap(proc, Paths(store.resolve()).state(sweep.name), _again(sweep_file, store), err)
+    return reap(proc, Paths(store.resolve()).state(sweep.name), _again(sweep_file, store, sweep.profile), err)
 
 
 def _print_plan(p: dict) -> None:
@@ -159,6 +160,7 @@ def report(
     target: Optional[float] = typer.Option(None, "--target", help="Accuracy to count steps to (default: the sweep's 'target')."),
     parent: Optional[str] = typer.Option(None, "--run", help="Parent run id of the sweep invocation (default: the latest)."),
     curves: List[str] = typer.Option([], "--curves", help="Cell to draw loss curves for, e.g. scratch/labels=100 (repeatable)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Report the runs of the file's named profile (<name>-<profile>)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
     store: Path = ROOT_OPTION,
 ):
@@ -171,12 +173,14 @@ def report(
     name = sweep
     if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
         try:
-            spec = load_sweep(sweep)
+            spec = load_sweep(sweep, profile=profile)
         except SpecError as e:
             fail(str(e))
         name = spec.tracking.experiment or spec.name
         tracking_uri = tracking_uri or spec.tracking.uri
     else:
+        if profile:
+            fail("--profile needs the sweep file, not an experiment name")
         try:
             plain_name(name)  # it becomes a folder under reports/
         except ValueError as e:

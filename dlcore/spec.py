@@ -385,8 +385,9 @@ def _validate(raw: dict, path: Path, overrides: list[str]) -> Sweep:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = (), smoke: bool = False, profile: str | None = None) -> Sweep:
-    """The validated sweep: the file, then its ``profile`` (a named set of overrides under ``profiles:``),
-    then the smoke sizes, then the user's ``--set`` lines. Every profile of the file is checked."""
+    """The validated sweep: the file, then its ``profile`` (a named set of overrides under ``profiles:``,
+    which also names the sweep ``<name>-<profile>``), then the smoke sizes, then the user's ``--set``
+    lines. Every profile of the file is checked."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
@@ -401,7 +402,9 @@ def load_sweep(path: str | Path, overrides: list[str] = (), smoke: bool = False,
         except SpecError as e:
             raise SpecError(f"{path} --profile {name}: {e}") from None
         chosen.pop("profiles", None)
-        checked = _validate({**chosen, "profile": name}, Path(f"{path} --profile {name}"), list(overrides))
+        # A profile's runs are their own sweep (state, MLflow experiment, report folder): <name>-<profile>.
+        checked = _validate({**chosen, "profile": name, "name": f"{chosen['name']}-{name}"}, Path(f"{path} --profile {name}"),
+                            list(overrides))
         if name == profile:
             sweep = checked
     if profile is None:

@@ -214,3 +214,16 @@ def test_ui_sigterm_leaves_no_server_process_behind(tmp_path):
 def test_ui_without_store_is_an_error(tmp_path):
     result = runner.invoke(app, ["ui", "--store", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no MLflow store" in result.output
+
+
+def test_profile_runs_as_its_own_sweep_and_dry_run_shows_it(tmp_path):
+    raw = {**MINIMAL, "profiles": {"cpu": {"finetune.steps": [20], "finetune.seeds": [0]}}}
+    path = write(tmp_path, raw)
+    result = runner.invoke(app, ["run", str(path), "--dry-run", "--json", "--profile", "cpu"])
+    assert result.exit_code == 0, result.output
+    p = json.loads(result.output)
+    assert p["name"] == "study-cpu" and p["finetune"]["steps"] == [20] and p["finetune"]["seeds"] == [0]
+    bad = runner.invoke(app, ["run", str(path), "--dry-run", "--profile", "gpu"])
+    assert bad.exit_code == 2 and "no profile 'gpu'; this file has ['cpu']" in bad.output
+    report = runner.invoke(app, ["report", "study", "--profile", "cpu", "--store", str(tmp_path)])
+    assert report.exit_code == 2 and "--profile needs the sweep file" in report.output

@@ -204,7 +204,7 @@ def test_profiles_are_named_overrides_under_the_set_lines(tmp_path):
     assert full.finetune.steps == [40, 80] and full.profile is None
     cpu = S.load_sweep(path, profile="cpu")
     assert cpu.finetune.steps == [20] and cpu.finetune.seeds == [0, 1, 2] and cpu.pretrain["ae"].steps == 10
-    assert cpu.profile == "cpu" and "profiles" not in cpu.model_dump()
+    assert cpu.profile == "cpu" and cpu.name == "study-cpu" and "profiles" not in cpu.model_dump()
     mine = S.load_sweep(path, ["finetune.seeds=[7]"], profile="cpu", smoke=True)  # --set wins, smoke shrinks the profile
     assert mine.finetune.seeds == [7] and mine.finetune.steps == [20] and mine.profile == "cpu"
     with pytest.raises(S.SpecError, match=r"study.yaml --profile gpu: no profile 'gpu'; this file has \['cpu'\]"):
