@@ -13,9 +13,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .data import DataError
-from .fields import plain_name
-from .spec import SpecError, Sweep, check_all, load_sweep, plan
 from .store import Paths
 from .supervisor import reap, supervise
 
@@ -53,6 +50,8 @@ def run(
 ):
     """Run a sweep: pretraining stages once each, then the fine-tune grid on Ray Tune, logged to MLflow."""
     try:
+        from .spec import SpecError, check_all, load_sweep, plan  # torch comes with them: not for --help
+
         sweep = load_sweep(sweep_file, set_, smoke=smoke, profile=profile)
         _data_dir_default(sweep)
         check_all(sweep, str(sweep_file))  # the same checks for --dry-run and a real run, before anything is written
@@ -74,6 +73,8 @@ def run(
 def drive(job: str = typer.Argument(..., help="The run as JSON: spec, source, store, tracking_uri, address, resume.")):
     """The driver of a `dlsweep run` that joins a Ray cluster, started by that run as its child."""
     j = json.loads(job)
+    from .spec import Sweep
+
     _drive(Sweep.model_validate(j["spec"]), Path(j["source"]), Path(j["store"]), j["tracking_uri"], j["address"],
            j["resume"], supervised=True)
 
@@ -86,7 +87,9 @@ def _again(sweep_file: Path, store: Path, profile: str | None = None) -> str:
 def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None, resume: bool,
            supervised: bool = False) -> None:
     """Run the sweep in this process and say how it ended; a sweep not done ends in typer.Exit."""
+    from .data import DataError
     from .runner import RunError, run_sweep  # Ray is imported only when something runs
+    from .spec import SpecError
 
     try:
         state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
@@ -173,6 +176,8 @@ def report(
     name = sweep
     if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
         try:
+            from .spec import SpecError, load_sweep
+
             spec = load_sweep(sweep, profile=profile)
         except SpecError as e:
             fail(str(e))
@@ -182,6 +187,8 @@ def report(
         if profile:
             fail("--profile needs the sweep file, not an experiment name")
         try:
+            from .fields import plain_name
+
             plain_name(name)  # it becomes a folder under reports/
         except ValueError as e:
             fail(f"experiment name: {e}")

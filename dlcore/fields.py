@@ -12,8 +12,6 @@ from typing import Annotated, Any, Optional, Union
 
 from pydantic import AfterValidator, Field
 
-from . import models
-
 
 class At(ValueError):
     """A validator's complaint about ``key``, a dotted path below the model that raises it; ``also``:
@@ -91,6 +89,8 @@ def model_args_problem(values: dict, objective: str) -> Optional[tuple[str, str]
 
     Autoencoders pass them to the decoder too (train.build_model), so there they must fit both.
     """
+    from . import models  # torch: only when a sweep is checked, not for --help
+
     encoder = values.get("encoder") or "conv"
     if encoder not in models.ENCODERS:
         return None  # _check_names says so

@@ -227,3 +227,12 @@ def test_profile_runs_as_its_own_sweep_and_dry_run_shows_it(tmp_path):
     assert bad.exit_code == 2 and "no profile 'gpu'; this file has ['cpu']" in bad.output
     report = runner.invoke(app, ["report", "study", "--profile", "cpu", "--store", str(tmp_path)])
     assert report.exit_code == 2 and "--profile needs the sweep file" in report.output
+
+
+def test_help_imports_neither_torch_nor_ray():
+    """`dlsweep --help` and `dlsweep run --help` stay as quick as a bare typer program: no torch, Ray or MLflow."""
+    code = ("import sys; from typer.testing import CliRunner; from dlcore.cli import app; "
+            "r = CliRunner().invoke(app, ['run', '--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
