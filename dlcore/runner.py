@@ -455,6 +455,11 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         tracking_uri = state["tracking_uri"]
     ds = check_all(sweep, source)
 
+    joined = address or os.environ.get("RAY_ADDRESS")
+    where = joined.removeprefix("ray://") if joined else None
+    if where and ":" in where and not reachable(where, timeout=5.0):  # before anything is written: ray.init would hang
+        raise RunError(f"no Ray cluster answers at {joined}; start it, or leave out --address (and RAY_ADDRESS) "
+                       "for a private local Ray")
     uri = tracking_uri or sweep.tracking.uri or tracking.default_uri(paths.root)
     trouble = tracking.probe(uri)
     if trouble:

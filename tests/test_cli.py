@@ -236,3 +236,17 @@ def test_help_imports_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_address_where_no_ray_answers_fails_fast_and_writes_nothing(tmp_path, data_dir):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "store"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(write(tmp_path, MINIMAL)), "--store", str(store),
+                             "--address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DLSWEEP_DATA_DIR": data_dir})
+    assert result.returncode == 2, result.stderr
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert not (store / "sweeps").exists() and time.monotonic() - started < 60
