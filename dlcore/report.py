@@ -370,7 +370,15 @@ def blocked_cells(parent_run, spec, runs: list, expected: dict[str, str]) -> dic
         ended = {run_outcome(r) for r in runs if stage and r.data.tags.get(TAG + "stage") == stage}
         how = "diverged" if "diverged" in ended and "failed" not in ended else "failed"
         reasons[arm] = f"blocked (pretraining stage {stage} {how})" if stage else "blocked (its pretraining stage failed)"
-    return {cell: reasons[arm] for cell, arm in expected.items() if arm in reasons}
+    out = {cell: reasons[arm] for cell, arm in expected.items() if arm in reasons}
+    leads = json.loads(parent_run.data.tags.get(TAG + "blocked_searches") or "[]")  # search_scope cell
+    if leads and spec is not None:
+        from .spec import finetune_cells
+
+        for c in finetune_cells(spec):
+            if c.lead in leads and c.key not in out:
+                out[c.key] = f"blocked (the search on seed {c.lead.rsplit('=', 1)[-1]} completed no trial)"
+    return out
 
 
 def sweep_of(client: MlflowClient, parent: str):

@@ -122,6 +122,10 @@ def test_a_first_seed_search_without_a_completed_trial_blocks_the_other_seeds_un
     parent = MlflowClient(sqlite(store)).get_run(state_of(store)["parent_run_id"])
     assert json.loads(parent.data.tags["dlsweep.blocked_searches"]) == ["scratch/labels=20/steps=20/seed=0"]
     assert parent.data.metrics["trials_blocked"] == 4 and parent.data.metrics["trials_failed"] == 3
+    rep = dlsweep(["report", path, "--store", store, "--out", tmp_path / "report"], data_dir)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert ("**1 cell(s) blocked (the search on seed 0 completed no trial):** scratch/labels=20/steps=20/seed=1"
+            in (tmp_path / "report" / "report.md").read_text())
 
     again = dlsweep(["run", path, "--store", store, "--resume"], data_dir)
     assert again.returncode == 0, again.stdout + again.stderr
