@@ -558,7 +558,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
     finetuned = spec is None or spec.finetune is not None
     md = [f"# {experiment}: {'data-efficiency report' if finetuned else 'pretraining report'}", "",
           f"Experiment `{experiment}`, sweep run `{parent}`.", ""]
-    md += [protocol(spec, trials), ""] if finetuned else [
+    md += [protocol(spec, trials, parent_run.data.tags.get(TAG + "sampler")), ""] if finetuned else [
         "A pretraining-only sweep: each stage keeps its best checkpoint by validation loss; test losses below.", ""]
     if missing:
         md += [f"**Partial sweep:** {len(missing)} grid cell(s) have no completed trial yet: " + ", ".join(missing[:20])
@@ -622,7 +622,7 @@ def labels_caption(cells: list[Cell]) -> str:
     return "labels used in total (training + validation + monitors), per budget: " + "; ".join(parts)
 
 
-def protocol(spec, trials: list[Trial]) -> str:
+def protocol(spec, trials: list[Trial], sampler: str | None = "sobol-tpe") -> str:
     """The paragraph a reader needs before any number: validation, selection, search, seeds, labels, test."""
     if spec is None:
         return ("**Protocol.** The sweep's spec (sweep.json) is missing from its parent run, so its validation and "
@@ -638,7 +638,11 @@ def protocol(spec, trials: list[Trial]) -> str:
         search = f"{ft.samples} Optuna sample(s) per cell over {space}, " + (
             f"all at {sobol}" if ft.samples <= STARTUP else
             f"the first {STARTUP} at {sobol}, the rest by TPE fitted to the cell's trials finished by then")
-        if any(dist.choice for dist in ft.search.values()):
+        if sampler is None:  # a sweep run before the sampler was recorded: TPE with 4 random startup trials
+            search = (f"{ft.samples} Optuna TPE sample(s) per cell over {space}"
+                      + (f"; with {ft.samples} ≤ 4 samples TPE (n_startup_trials=4) is pure random sampling"
+                         if ft.samples <= 4 else ", the first 4 at random"))
+        elif any(dist.choice for dist in ft.search.values()):
             search += " (choice keys: drawn at random in the Sobol samples)"
         first = ft.seeds[0]
         search += ("; each (arm, labels, steps, seed) cell searched on its own" if ft.search_scope == "seed" else

@@ -480,7 +480,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(mode="json", by_alias=True),
-                                       {"sweep": sweep.name, "source": source, "stamp": stamp})
+                                       {"sweep": sweep.name, "source": source, "stamp": stamp, "sampler": "sobol-tpe"})
         state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
                  "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": []}
     state["status"] = "running"

@@ -65,7 +65,8 @@ def fill(tmp_path, drop=(), fail=(), seeds=(0, 1, 2), extras=False, data=None, v
         raw["finetune"]["arms"] = {**SPEC["finetune"]["arms"], "dae": {"from": "dae"}}
     spec = Sweep.model_validate(raw).model_dump(mode="json", by_alias=True)
     exp = tracking.ensure_experiment(uri, name, tmp_path / "artifacts")
-    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": name, **({"blocked": json.dumps(["dae"])} if extras else {})})
+    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": name, "sampler": "sobol-tpe",
+                                                             **({"blocked": json.dumps(["dae"])} if extras else {})})
     for (arm, labels), accs in TEST.items():
         for seed in seeds:
             if (arm, labels, seed) in drop:
@@ -438,3 +439,10 @@ def test_stage_embeddings_become_a_figure_a_table_and_a_csv(tmp_path):
     assert "## Latent embeddings" in md and f"| ae | {e['separation']:.2f} | {e['spread'][0]:.2f} |" in md
     rows = (tmp_path / "out" / "centroid_distances.csv").read_text().splitlines()
     assert rows[0] == "stage,class," + ",".join(map(str, range(10))) and len(rows) == 11
+
+
+def test_a_sweep_run_before_the_sampler_was_recorded_is_described_as_it_ran():
+    spec = Sweep.model_validate(SPEC)
+    text = R.protocol(spec, [], sampler=None)
+    assert "2 Optuna TPE sample(s) per cell over lr ~ loguniform[0.0001, 0.01]; with 2 ≤ 4 samples TPE " \
+           "(n_startup_trials=4) is pure random sampling" in text and "Sobol" not in text
