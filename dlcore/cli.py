@@ -17,7 +17,26 @@ from .store import Paths
 from .supervisor import reap, supervise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Data-efficiency sweeps: how many labels and steps does a model need, and what does pretraining buy?")
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"dlsweep {version('dlsweep')}", highlight=False)
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            console.print("dlsweep (not installed)", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(_version_flag: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                            help="Print the version and exit.")) -> None:
+    """Data-efficiency sweeps: how many labels and steps does a model need, and what does pretraining buy?"""
 console = Console()
 err = Console(stderr=True)
 
@@ -35,15 +54,15 @@ def _data_dir_default(sweep) -> None:
         sweep.data.data_dir = str(Path(os.environ["DLSWEEP_DATA_DIR"]).resolve())
 
 
-@app.command()
+@app.command(epilog="Shipped sweep files (in sweeps/): " + ", ".join(SHIPPED) if SHIPPED else None)
 def run(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
     set_: List[str] = typer.Option([], "--set", help="Override a key: --set finetune.seeds=[0,1] (value is YAML)."),
-    smoke: bool = typer.Option(False, "--smoke", help="Shrink to a CPU-sized run: few steps, 1 seed, 2 budgets, 1 sample."),
+    smoke: bool = typer.Option(False, "--smoke", metavar="", help="Shrink to a CPU-sized run: few steps, 1 seed, 2 budgets, 1 sample."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Apply the file's named profile (e.g. cpu); runs as <name>-<profile>."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; run nothing."),
-    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run of this sweep."),
+    dry_run: bool = typer.Option(False, "--dry-run", metavar="", help="Validate and print the plan; run nothing."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="With --dry-run: print the plan as JSON."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the last interrupted run of this sweep."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
     store: Path = ROOT_OPTION,

@@ -250,3 +250,12 @@ def test_an_address_where_no_ray_answers_fails_fast_and_writes_nothing(tmp_path,
     assert result.returncode == 2, result.stderr
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
     assert not (store / "sweeps").exists() and time.monotonic() - started < 60
+
+
+def test_cli_conventions_short_help_version_and_shipped_sweeps():
+    short = runner.invoke(app, ["run", "-h"], env={"COLUMNS": "200"})
+    assert short.exit_code == 0 and "Shipped sweep files (in sweeps/):" in short.output
+    assert all(p.name in short.output for p in SWEEPS)
+    assert "--smoke  " in short.output and "<bool>  Shrink" not in short.output  # a flag, not a value
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("dlsweep ")
