@@ -1,0 +1,181 @@
+"""E2's few-label study through `dlsweep run` against the same study as a plain course notebook.
+
+    DLSWEEP_DATA_DIR=../shared/data .venv/bin/python bench/bench_study.py
+
+The matched protocol: one conv autoencoder pretraining (3 epochs of the 55,000 pool images at batch
+128, Adam 1e-3, L1), then label budgets 100/300/1,000 x scratch/pretrained x seeds 0-2, 500
+fine-tune steps at batch 64, Adam 1e-3, no search, no validation, the last checkpoint tested once.
+The notebook side is written the way a course notebook is: a torch ``Dataset`` that hands out PIL
+images through ``ToTensor``, a ``DataLoader`` with 2 workers, the same models (dlcore.models), the
+same labelled subsets and seeds, one step after another. Prints both wall times, their ratio and
+both accuracy tables. Run it on an otherwise idle machine: it measures wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dlcore import data as D
+from dlcore import models
+
+ENCODER = {"channels": [32, 64], "latent_dim": 12}
+BUDGETS, SEEDS, STEPS, VAL_SIZE = (100, 300, 1000), (0, 1, 2), 500, 5000
+PRETRAIN_STEPS = 3 * 55_000 // 128
+
+
+def study(data_dir: str, pretrain_steps: int, steps: int) -> dict:
+    return {
+        "name": "bench_study",
+        "data": {"dataset": "mnist", "data_dir": data_dir, "val_size": VAL_SIZE},
+        "validation": {"protocol": "none"},
+        "pretrain": {"ae": {"objective": "autoencoder", "encoder": "conv", "encoder_args": ENCODER, "recon_loss": "l1",
+                            "steps": pretrain_steps, "batch_size": 128, "lr": 1e-3, "eval_every": pretrain_steps,
+                            "seeds": [0]}},
+        "finetune": {"arms": {"scratch": {}, "pretrained": {"from": "ae", "finetune": "full"}}, "labels": list(BUDGETS),
+                     "steps": [steps], "seeds": list(SEEDS), "encoder": "conv", "encoder_args": ENCODER,
+                     "head_hidden": 128, "batch_size": 64, "lr": 1e-3, "eval_every": steps, "samples": 1},
+        "asha": {"enabled": False},
+        "resources": {"cpu": 1},
+    }
+
+
+def run_dlsweep(tmp: Path, data_dir: str, pretrain_steps: int, steps: int) -> tuple[float, dict]:
+    path = tmp / "bench_study.yaml"
+    path.write_text(yaml.safe_dump(study(data_dir, pretrain_steps, steps)))
+    store = tmp / "store"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store)], check=True,
+                   stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    client = MlflowClient(f"sqlite:///{store.resolve()}/mlflow.db")
+    exp = client.get_experiment_by_name("bench_study")
+    accs = {}
+    for r in client.search_runs([exp.experiment_id], "tags.`dlsweep.stage` = 'finetune'", max_results=1000):
+        t = r.data.tags
+        accs[(t["dlsweep.arm"], int(t["dlsweep.labels"]), int(t["dlsweep.seed"]))] = r.data.metrics["test_acc"]
+    return wall, accs
+
+
+class NotebookMNIST(Dataset):
+    """What torchvision.datasets.MNIST does per item: a PIL image, then the transform."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def run_notebook(data_dir: str, pretrain_steps: int, steps: int) -> tuple[float, dict]:
+    from torchvision.transforms import ToTensor
+
+    t0 = time.perf_counter()
+    with np.load(Path(data_dir) / "mnist.npz") as z:
+        x_train, y_train, x_test, y_test = z["x_train"], z["y_train"], z["x_test"], z["y_test"]
+    train_set, test_set = NotebookMNIST(x_train, y_train, ToTensor()), NotebookMNIST(x_test, y_test, ToTensor())
+    pool, _ = D.validation_split(len(y_train), VAL_SIZE, 0)  # the same pool as the sweep's
+    shape = (1, 28, 28)
+
+    torch.manual_seed(0)
+    ae = models.Autoencoder(models.build_encoder("conv", shape, **ENCODER), models.build_decoder("conv", shape, **ENCODER))
+    opt = torch.optim.Adam(ae.parameters(), 1e-3)
+    batches = forever(DataLoader(Subset(train_set, pool.tolist()), batch_size=128, shuffle=True, num_workers=2,
+                                 drop_last=True, persistent_workers=True))
+    ae.train()
+    for _ in range(pretrain_steps):
+        x, _ = next(batches)
+        loss = F.l1_loss(ae(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pretrained = ae.encoder.state_dict()
+
+    test_loader = DataLoader(test_set, batch_size=1000, num_workers=2)
+    accs = {}
+    labels = torch.from_numpy(y_train.astype(np.int64))[pool]
+    for arm in ("scratch", "pretrained"):
+        for budget in BUDGETS:
+            for seed in SEEDS:
+                torch.manual_seed(seed)
+                subset = pool[D.label_budget(labels, budget, seed, 10)].tolist()  # the sweep's labelled images
+                encoder = models.build_encoder("conv", shape, **ENCODER)
+                if arm == "pretrained":
+                    encoder.load_state_dict(pretrained)
+                model = models.Classifier(encoder, models.mlp_head(encoder.out_dim, 10, 128))
+                opt = torch.optim.Adam(model.parameters(), 1e-3)
+                loader = forever(DataLoader(Subset(train_set, subset), batch_size=64, shuffle=True, num_workers=2,
+                                            drop_last=len(subset) >= 64))
+                model.train()
+                for _ in range(steps):
+                    x, y = next(loader)
+                    loss = F.cross_entropy(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                model.eval()
+                correct = 0
+                with torch.no_grad():
+                    for x, y in test_loader:
+                        correct += (model(x).argmax(1) == y).sum().item()
+                accs[(arm, budget, seed)] = correct / len(test_set)
+    return time.perf_counter() - t0, accs
+
+
+def table(accs: dict) -> list[str]:
+    rows = []
+    for arm in ("scratch", "pretrained"):
+        for budget in BUDGETS:
+            vals = [accs[(arm, budget, s)] for s in SEEDS if (arm, budget, s) in accs]
+            rows.append(f"    {arm:10} {budget:>5,} labels  {np.mean(vals):.2%}  ({', '.join(f'{v:.3f}' for v in vals)})")
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=os.environ.get("DLSWEEP_DATA_DIR", "../shared/data"))
+    p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
+    p.add_argument("--steps", type=int, default=STEPS, help="fine-tune steps (smaller: a plumbing check, not the benchmark)")
+    args = p.parse_args()
+    data_dir = str(Path(args.data_dir).resolve())
+    tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
+    sweep_s, sweep_accs = run_dlsweep(tmp, data_dir, args.pretrain_steps, args.steps)
+    note_s, note_accs = run_notebook(data_dir, args.pretrain_steps, args.steps)
+    cores = len(os.sched_getaffinity(0))
+    print(f"E2 few-label study, matched: 1 pretraining of {args.pretrain_steps} steps + {2 * len(BUDGETS) * len(SEEDS)} "
+          f"fine-tunes of {args.steps} steps; torch {torch.__version__}, {cores} cores")
+    print(f"  dlsweep run            {sweep_s:7.1f} s")
+    print(f"  notebook (DataLoader)  {note_s:7.1f} s")
+    print(f"  ratio dlsweep / notebook {sweep_s / note_s:5.2f}x  (target <= 0.40x)")
+    print("  test accuracy, dlsweep:")
+    print("\n".join(table(sweep_accs)))
+    print("  test accuracy, notebook:")
+    print("\n".join(table(note_accs)))
+    worse = [k for k in note_accs if np.mean([sweep_accs[(k[0], k[1], s)] for s in SEEDS]) <
+             np.mean([note_accs[(k[0], k[1], s)] for s in SEEDS])]
+    print(f"  cells where dlsweep's mean accuracy is below the notebook's: {sorted({k[:2] for k in worse}) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
