@@ -49,9 +49,11 @@ def fail(message: str, code: int = 2):
 
 
 def _data_dir_default(sweep) -> None:
-    """The one place the environment feeds configuration: DLSWEEP_DATA_DIR."""
-    if sweep.data.data_dir is None and os.environ.get("DLSWEEP_DATA_DIR"):
-        sweep.data.data_dir = str(Path(os.environ["DLSWEEP_DATA_DIR"]).resolve())
+    """The one place the environment feeds configuration: DLSWEEP_DATA_DIR, else ~/.cache/dlsweep/data."""
+    from .data import default_data_dir
+
+    if sweep.data.data_dir is None:
+        sweep.data.data_dir = str(default_data_dir())
 
 
 @app.command(epilog="Shipped sweep files (in sweeps/): " + ", ".join(SHIPPED) if SHIPPED else None)
@@ -242,6 +244,52 @@ def compare(
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
+
+
+data_app = typer.Typer(help="The data sets: where they are looked for, what is there, and downloading them.",
+                       no_args_is_help=False, invoke_without_command=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.callback()
+def data_list(ctx: typer.Context):
+    """List the known data sets in the data folder (DLSWEEP_DATA_DIR, else ~/.cache/dlsweep/data): shape and checksum."""
+    if ctx.invoked_subcommand:
+        return
+    import hashlib
+
+    import numpy as np
+
+    from .data import TORCHVISION, default_data_dir
+
+    folder = default_data_dir()
+    console.print(f"data folder: {folder} ({'DLSWEEP_DATA_DIR' if os.environ.get('DLSWEEP_DATA_DIR') else 'default'})",
+                  highlight=False)
+    t = Table("data set", "file", "train", "test", "sha256")
+    for name in sorted(TORCHVISION):
+        path = folder / f"{name}.npz"
+        if not path.is_file():
+            t.add_row(name, "missing", "-", "-", f"dlsweep data fetch {name}")
+            continue
+        with np.load(path) as z:
+            train, test = z["x_train"].shape, z["x_test"].shape
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        t.add_row(name, path.name, " x ".join(map(str, train)), " x ".join(map(str, test)), digest)
+    console.print(t)
+
+
+@data_app.command("fetch")
+def data_fetch(name: str = typer.Argument(..., help="mnist or cifar10.")):
+    """Download a data set through torchvision into the data folder, as <name>.npz (needs internet)."""
+    from .data import DataError, default_data_dir, fetch
+
+    try:
+        path = fetch(name, default_data_dir())
+    except DataError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 -- no network, a proxy, a full disk: one line, not a traceback
+        fail(f"could not download {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    console.print(f"{name}: {path}", highlight=False)
 
 
 def _print_report(result: dict, name: str) -> None:

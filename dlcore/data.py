@@ -8,6 +8,7 @@ training loop has no per-image Python and no DataLoader workers (cf. KellerJorda
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import zipfile
 import zlib
@@ -63,6 +64,33 @@ class Dataset:
 
 # Torchvision classes for users with internet; the local .npz path is what tests run.
 TORCHVISION = {"mnist": "MNIST", "cifar10": "CIFAR10"}
+
+
+def default_data_dir() -> Path:
+    """Where data sets live: DLSWEEP_DATA_DIR, else a per-user cache folder (~/.cache/dlsweep/data)."""
+    if os.environ.get("DLSWEEP_DATA_DIR"):
+        return Path(os.environ["DLSWEEP_DATA_DIR"]).expanduser().resolve()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (cache / "dlsweep" / "data").resolve()
+
+
+def fetch(name: str, folder: Path) -> Path:
+    """Download ``name`` through torchvision into ``folder`` and keep it as ``<name>.npz`` there, the
+    form every later run loads (needs internet; the only download path of dlsweep)."""
+    if name not in TORCHVISION:
+        raise DataError(f"no download for '{name}'; known: {sorted(TORCHVISION)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = _load_torchvision(name, folder / "torchvision", download=True)
+    path = folder / f"{name}.npz"
+    tmp = path.with_suffix(".tmp.npz")
+    def hwc(x: Tensor) -> np.ndarray:  # the layout of the shared .npz files: (N, H, W) or (N, H, W, 3)
+        x = x.permute(0, 2, 3, 1).numpy()
+        return x[..., 0] if x.shape[-1] == 1 else x
+
+    np.savez_compressed(tmp, x_train=hwc(ds.x_train), y_train=ds.y_train.numpy().astype(np.uint8),
+                        x_test=hwc(ds.x_test), y_test=ds.y_test.numpy().astype(np.uint8))
+    tmp.replace(path)
+    return path
 
 
 def _from_arrays(name: str, x_train, y_train, x_test, y_test) -> Dataset:
@@ -150,9 +178,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     elif name not in TORCHVISION:
         looked.append(f"no download for unknown data set (known: {sorted(TORCHVISION)})")
     where = "; ".join(looked) or "no data directory given"
+    fetch_hint = f", or run `dlsweep data fetch {name}` (downloads it there)" if name in TORCHVISION else ""
     raise DataError(
         f"data set '{name}' not found (looked in: {where}); set DLSWEEP_DATA_DIR to a folder holding "
-        f"{name}.npz, or pass a path to an .npz"
+        f"{name}.npz{fetch_hint}"
     )
 
 

@@ -259,3 +259,33 @@ def test_cli_conventions_short_help_version_and_shipped_sweeps():
     assert "--smoke  " in short.output and "<bool>  Shrink" not in short.output  # a flag, not a value
     version = runner.invoke(app, ["--version"])
     assert version.exit_code == 0 and version.output.startswith("dlsweep ")
+
+
+def test_data_lists_what_the_data_folder_holds(tmp_path, data_dir, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("DLSWEEP_DATA_DIR", str(empty))
+    listing = runner.invoke(app, ["data"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and f"data folder: {empty} (DLSWEEP_DATA_DIR)" in listing.output
+    assert "dlsweep data fetch mnist" in listing.output and "dlsweep data fetch cifar10" in listing.output
+    missing = runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run"])
+    assert missing.exit_code == 2 and "set DLSWEEP_DATA_DIR to a folder holding mnist.npz, or run `dlsweep data " \
+                                      "fetch mnist`" in missing.output.replace("\n", "")
+
+    filled = tmp_path / "filled"
+    filled.mkdir()
+    (filled / "mnist.npz").symlink_to(Path(data_dir) / "mnist.npz")
+    monkeypatch.setenv("DLSWEEP_DATA_DIR", str(filled))
+    listing = runner.invoke(app, ["data"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "60000 x 28 x 28" in listing.output and "10000 x 28 x 28" in listing.output
+    import hashlib
+    assert hashlib.sha256((filled / "mnist.npz").read_bytes()).hexdigest()[:16] in listing.output
+    assert "dlsweep data fetch cifar10" in listing.output and "dlsweep data fetch mnist" not in listing.output
+    assert runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run"]).exit_code == 0
+
+    monkeypatch.delenv("DLSWEEP_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    listing = runner.invoke(app, ["data"], env={"COLUMNS": "200"})
+    assert f"data folder: {tmp_path / 'cache' / 'dlsweep' / 'data'} (default)" in listing.output
+    bad = runner.invoke(app, ["data", "fetch", "svhn"])
+    assert bad.exit_code == 2 and "no download for 'svhn'" in bad.output
