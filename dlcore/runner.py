@@ -479,8 +479,12 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
                           highlight=False)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        written = sweep.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude_none=True)
+        written.pop("profile", None)
+        params = {**written, "sweep.file": source, "sweep.profile": sweep.profile or "none"}
         parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(mode="json", by_alias=True),
-                                       {"sweep": sweep.name, "source": source, "stamp": stamp, "sampler": "sobol-tpe"})
+                                       {"sweep": sweep.name, "source": source, "stamp": stamp, "sampler": "sobol-tpe"},
+                                       params)
         state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
                  "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": []}
     state["status"] = "running"
@@ -495,6 +499,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
               file=sys.stderr, flush=True)
 
     own_ray = not ray.is_initialized()
+    started = time.perf_counter()
     _start_ray(address, console)
     watch = RayWatch(None if supervised else on_ray_loss)
     state["driver"]["ray"] = watch.where
@@ -522,7 +527,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         raise
     finally:
         watch.stopped.set()
-    summary = study.summary()
+    summary = {**study.summary(), "headline": study.headline(), "wall_s": time.perf_counter() - started}
     if own_ray:
         ray.shutdown()  # nothing of this sweep's Ray outlives it, in the CLI or in a caller's process
     interrupted = interrupted or study.tracking_lost or summary["unfinished"] > 0
@@ -662,6 +667,30 @@ class Study:
             else:
                 runnable.append((c, n))
         return stages, runnable, blocked
+
+    def headline(self) -> dict:
+        """Mean test accuracy over seeds of each arm's validation-selected trials, at its smallest and
+        largest label budget (longest steps): the parent run's headline metrics."""
+        metric, sign = self.sweep.metric, (1 if self.sweep.mode == "max" else -1)
+        chosen: dict[tuple, tuple] = {}
+        for rs in self.results.values():
+            for r in rs:
+                tags, m = (r.config or {}).get("job", {}).get("tags", {}), r.metrics or {}
+                if tags.get("stage") != "finetune" or "test_acc" not in m:
+                    continue
+                key = (tags["arm"], tags["labels"], tags["steps"], tags["seed"])
+                val = sign * m.get(f"best_{metric}", 0.0)
+                if key not in chosen or val > chosen[key][0]:
+                    chosen[key] = (val, m["test_acc"])
+        out = {}
+        for arm in sorted({k[0] for k in chosen}):
+            mine = {k: v for k, v in chosen.items() if k[0] == arm}
+            steps = max(k[2] for k in mine)
+            budgets = sorted({k[1] for k in mine if k[2] == steps}, key=lambda b: (isinstance(b, float), b))
+            for b in {budgets[0], budgets[-1]}:
+                accs = [v[1] for k, v in mine.items() if k[1] == b and k[2] == steps]
+                out[tracking.param_key(f"test_acc.{arm}.labels_{b}")] = sum(accs) / len(accs)
+        return out
 
     def summary(self) -> dict:
         """Counts of trials by outcome, blocked trials (their stage failed or diverged, or their first

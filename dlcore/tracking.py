@@ -75,11 +75,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=[Param(p.key, p.value[:6000]) for p in items[i : i + 100]])
 
 
-def start_parent(uri: str, experiment_id: str, name: str, spec: dict, tags: dict) -> str:
-    """The sweep invocation's run: the spec as params and as ``sweep.json``, which the report reads back."""
+def start_parent(uri: str, experiment_id: str, name: str, spec: dict, tags: dict, params: dict | None = None) -> str:
+    """The sweep invocation's run: ``params`` (default: the spec) as params, the whole spec as
+    ``sweep.json``, which the report reads back."""
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=name, tags={**{TAG + k: str(v) for k, v in tags.items()}, TAG + "role": "sweep"})
-    log_params(client, run.info.run_id, spec)
+    log_params(client, run.info.run_id, spec if params is None else params)
     client.log_dict(run.info.run_id, spec, "sweep.json")
     return run.info.run_id
 
@@ -252,6 +253,14 @@ def short_name(tags: dict) -> str:
     return tags.get("cell") or f"{tags['stage']}/seed={tags.get('seed')}"
 
 
+def run_name(tags: dict) -> str:
+    """A child run's name that survives the MLflow UI's narrow column: 'pretrained 100 s0', 'ae s1'
+    (the whole cell is its description and its dlsweep.cell tag)."""
+    if tags["stage"] != "finetune":
+        return f"{tags['stage']} s{tags.get('seed')}"
+    return f"{tags['arm']} {tags['labels']} s{tags['seed']}"
+
+
 class MlflowCallback(tune.Callback):
     """Logs every trial as a child run of the sweep's parent run, through an ``Outbox``; restarts
     replace, never duplicate."""
@@ -264,7 +273,7 @@ class MlflowCallback(tune.Callback):
         job = trial.config["job"]
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TAG + "trial_id": trial.trial_id,
                 **{TAG + k: str(v) for k, v in job["tags"].items()},
-                MLFLOW_RUN_NAME: f"{short_name(job['tags'])}#{trial.trial_id.split('_')[-1]}"}
+                MLFLOW_RUN_NAME: run_name(job["tags"]), "mlflow.note.content": short_name(job["tags"])}
         params = {**job["train"], **{f"cell.{k}": v for k, v in job["tags"].items()}}
         self.outbox.put("start", trial.trial_id, self.experiment_id, self.parent_run_id, tags, params)
 
@@ -356,7 +365,13 @@ def finish_sweep(uri: str, state: dict, console, summary: dict | None = None) ->
     status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[state["status"]]
     tags = {"blocked": json.dumps(summary["blocked_arms"]),
             "blocked_searches": json.dumps(summary["blocked_searches"])} if summary else None
-    metrics = {f"trials_{k}": summary[k] for k in (*OUTCOMES, "blocked")} if summary else None
+    metrics = None
+    if summary:
+        metrics = {f"trials_{k}": summary[k] for k in (*OUTCOMES, "blocked")}
+        metrics["trials"] = sum(summary[k] for k in OUTCOMES)
+        metrics.update(summary.get("headline", {}))
+        if "wall_s" in summary:
+            metrics["wall_s"] = summary["wall_s"]
     try:
         end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
         finish_parent(uri, state["parent_run_id"], status, tags, metrics)

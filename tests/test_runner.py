@@ -67,6 +67,18 @@ def test_sweep_end_to_end_logs_every_trial_and_reuses_pretraining(tiny_sweep, tm
     assert stages.count("ae") == 1  # pretraining ran once for its one (config, seed)
     finetune = [r for r in runs if r.data.tags["dlsweep.stage"] == "finetune"]
     assert len(finetune) == 2 * 2 * 3  # arms x budgets x samples
+    # the parent run summarises the sweep: the file's keys (no defaults, no nulls), counts, headline numbers
+    parent = client.get_run(state["parent_run_id"])
+    assert "null" not in parent.data.params.values() and parent.data.params["sweep.file"] == str(tiny_sweep)
+    assert parent.data.params["sweep.profile"] == "none" and "finetune.head_hidden" not in parent.data.params
+    m = parent.data.metrics
+    assert m["trials"] == 1 + 12 and m["trials_completed"] + m["trials_stopped_early"] == 13 and m["wall_s"] > 0
+    assert {f"test_acc.{a}.labels_{n}" for a in ("scratch", "pretrained") for n in (20, 50)} <= set(m)
+    assert 0.1 < m["test_acc.pretrained.labels_50"] <= 1
+    # child runs have names a narrow column can tell apart, the whole cell as their description
+    names = {r.info.run_name for r in finetune}
+    assert names == {f"{a} {n} s0" for a in ("scratch", "pretrained") for n in (20, 50)}
+    assert all(r.data.tags["mlflow.note.content"] == r.data.tags["dlsweep.cell"] for r in finetune)
     cells = {r.data.tags["dlsweep.cell"] for r in finetune}
     assert cells == {f"{a}/labels={n}/steps=40/seed=0" for a in ("scratch", "pretrained") for n in (20, 50)}
     for r in finetune:
