@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/dlsweep run sweeps/mnist_labels_100.yaml --smoke
-	$(VENV)/bin/dlsweep report sweeps/mnist_labels_100.yaml
+	$(VENV)/bin/dlsweep report sweeps/mnist_labels_100.yaml --smoke
 
 test: install
 	$(VENV)/bin/python -m pytest -q

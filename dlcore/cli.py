@@ -185,6 +185,7 @@ def report(
     parent: Optional[str] = typer.Option(None, "--run", help="Parent run id of the sweep invocation (default: the latest)."),
     curves: List[str] = typer.Option([], "--curves", help="Cell to draw loss curves for, e.g. scratch/labels=100 (repeatable)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Report the runs of the file's named profile (<name>-<profile>)."),
+    smoke: bool = typer.Option(False, "--smoke", metavar="", help="Report the file's --smoke runs (<name>-smoke)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
     store: Path = ROOT_OPTION,
 ):
@@ -199,14 +200,14 @@ def report(
         try:
             from .spec import SpecError, load_sweep
 
-            spec = load_sweep(sweep, profile=profile)
+            spec = load_sweep(sweep, profile=profile, smoke=smoke)
         except SpecError as e:
             fail(str(e))
         name = spec.tracking.experiment or spec.name
         tracking_uri = tracking_uri or spec.tracking.uri
     else:
-        if profile:
-            fail("--profile needs the sweep file, not an experiment name")
+        if profile or smoke:
+            fail("--profile and --smoke need the sweep file, not an experiment name")
         try:
             from .fields import plain_name
 

@@ -403,15 +403,23 @@ def load_sweep(path: str | Path, overrides: list[str] = (), smoke: bool = False,
             raise SpecError(f"{path} --profile {name}: {e}") from None
         chosen.pop("profiles", None)
         # A profile's runs are their own sweep (state, MLflow experiment, report folder): <name>-<profile>.
-        checked = _validate({**chosen, "profile": name, "name": f"{chosen['name']}-{name}"}, Path(f"{path} --profile {name}"),
-                            list(overrides))
+        checked = _validate({**renamed(chosen, name), "profile": name}, Path(f"{path} --profile {name}"), list(overrides))
         if name == profile:
             sweep = checked
     if profile is None:
         sweep = _validate({k: v for k, v in raw.items() if k != "profiles"}, path, list(overrides))
     if smoke:  # the smoke sizes, then the user's --set again: what they set by hand wins
-        sweep = _validate(shrink(sweep).model_dump(by_alias=True), path, list(overrides))
+        sweep = _validate(renamed(shrink(sweep).model_dump(by_alias=True), "smoke"), path, list(overrides))
     return sweep
+
+
+def renamed(raw: dict, suffix: str) -> dict:
+    """A smoke or profile run is its own sweep: name and MLflow experiment get ``-<suffix>``, so its
+    state, runs and report never mix with the full-size sweep's."""
+    raw = {**raw, "name": f"{raw['name']}-{suffix}"}
+    if (raw.get("tracking") or {}).get("experiment"):
+        raw["tracking"] = {**raw["tracking"], "experiment": f"{raw['tracking']['experiment']}-{suffix}"}
+    return raw
 
 
 # ---- smoke ------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_dry_run_json_counts_match_the_grid(tmp_path):
 def test_dry_run_table_names_stages_and_resources(tmp_path):
     result = runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run", "--smoke"])
     assert result.exit_code == 0, result.output
-    assert "study on mnist: 5 trials (1 pretraining, 4 fine-tune)" in result.output
+    assert "study-smoke on mnist: 5 trials (1 pretraining, 4 fine-tune)" in result.output  # its own sweep
     assert "per trial 1.0 CPU, 0.0 GPU" in result.output
 
 
@@ -226,7 +226,7 @@ def test_profile_runs_as_its_own_sweep_and_dry_run_shows_it(tmp_path):
     bad = runner.invoke(app, ["run", str(path), "--dry-run", "--profile", "gpu"])
     assert bad.exit_code == 2 and "no profile 'gpu'; this file has ['cpu']" in bad.output
     report = runner.invoke(app, ["report", "study", "--profile", "cpu", "--store", str(tmp_path)])
-    assert report.exit_code == 2 and "--profile needs the sweep file" in report.output
+    assert report.exit_code == 2 and "--profile and --smoke need the sweep file" in report.output
 
 
 def test_help_imports_neither_torch_nor_ray():
