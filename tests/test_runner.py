@@ -244,3 +244,34 @@ def test_search_scope_cell_gives_the_other_seeds_the_first_seeds_pick(tiny_sweep
         follower = next(r for r in finetune if r.data.tags["dlsweep.cell"] == f"{arm}/labels=20/steps=20/seed=1")
         assert row["hyperparameters"] == f"lr={float(follower.data.params['lr']):.3g} (searched on seed 0, shared by all seeds)"
     assert "searched on seed 0 only" in (out / "report.md").read_text()
+
+
+def test_step_budgets_read_off_one_run_through_the_whole_pipeline(tmp_path, data_dir, monkeypatch):
+    """steps: [20, 40] under a constant schedule: one 40-step run per cell, whose MLflow run carries the
+    20-step result (at20/...), and a report with both step budgets, the 20-step numbers read off."""
+    monkeypatch.setenv("DLSWEEP_DATA_DIR", data_dir)
+    raw = {"data": {"dataset": "mnist", "val_size": 500, "test_size": 500},
+           "finetune": {"arms": {"scratch": {}}, "labels": [50], "steps": [20, 40], "seeds": [0, 1], "samples": 1,
+                        "batch_size": 32, "eval_every": 10, "encoder_args": {"latent_dim": 8}},
+           "asha": {"enabled": False}, "resources": {"cpu": 1}}
+    path = tmp_path / "steps.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, ["run", str(path), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    client, runs = child_runs(store, "steps")
+    assert len(runs) == 2 and {r.data.tags["dlsweep.steps"] for r in runs} == {"40"}  # one run per seed
+    for r in runs:
+        m = r.data.metrics
+        assert r.data.tags["dlsweep.step_budgets"] == "20" and 0 < m["at20/test_acc"] <= 1
+        assert m["at20/best_step"] <= 20 and m["labels_total"] == 50 and m["labels_val"] >= 10  # realistic
+    out = tmp_path / "report"
+    rep = CliRunner().invoke(app, ["report", str(path), "--store", str(store), "--out", str(out)])
+    assert rep.exit_code == 0, rep.output
+    with open(out / "summary.csv") as f:
+        rows = {int(r["steps"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {20, 40} and rows[20]["labels_total"] == rows[40]["labels_total"] == "50"
+    at20 = sorted(r.data.metrics["at20/test_acc"] for r in runs)
+    assert float(rows[20]["test_acc_mean"]) == pytest.approx(sum(at20) / 2, abs=1e-4)
+    assert (out / "accuracy_vs_step_budget.png").exists()
+    assert "the step budgets 20 are read off each 40-step run" in (out / "report.md").read_text()
