@@ -348,10 +348,11 @@ def _job_config(job: Job, paths: Paths, threads: int) -> dict:
     return config
 
 
-def fit_resources(resources: dict, console: Console) -> dict:
+def fit_resources(resources: dict, console: Console, trials: int | None = None) -> dict:
     """Shrink a trial's request to what one node of the cluster has, saying so: a request no node
     can meet would leave Tune waiting forever. The same sweep file then runs on a GPU cluster and
-    on a laptop."""
+    on a laptop. A CPU-only sweep of fewer ``trials`` than a node has CPU slots spreads the node's
+    CPUs over them (``share_cores``)."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     most_cpu = max(n.get("CPU", 0) for n in nodes)
     most_gpu = max(n.get("GPU", 0) for n in nodes)
@@ -364,7 +365,20 @@ def fit_resources(resources: dict, console: Console) -> dict:
         fitted["cpu"] = most_cpu
         console.print(f"[yellow]resources.cpu {resources['cpu']} > {most_cpu} CPU(s) per node: trials get {most_cpu}[/]",
                       highlight=False)
+    if trials and not fitted["gpu"]:
+        fitted["cpu"] = share_cores(fitted["cpu"], trials, most_cpu)
     return fitted
+
+
+def share_cores(cpu: float, trials: int, node_cpus: float) -> float:
+    """CPUs per trial when a sweep has fewer trials than the node has slots of ``cpu``: the node's
+    CPUs shared out evenly (whole CPUs), so that no core idles while the only trials run on one
+    thread each; otherwise ``cpu`` as asked. Ray's accounting then holds those CPUs for the trial,
+    and the trial's threads follow them."""
+    slots = int(node_cpus // cpu) if cpu else 0
+    if 0 < trials < slots:
+        return max(cpu, float(int(node_cpus // trials)))
+    return cpu
 
 
 def _cached_stages(jobs: list[Job], paths: Paths, console: Console) -> set[str]:
@@ -505,7 +519,8 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     state["driver"]["ray"] = watch.where
     write_state(state_path, state)
     watch.start()
-    resources = fit_resources({"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}, console)
+    planned = len(pretrain_jobs(sweep)) + sum(c.samples for c in finetune_cells(sweep))
+    resources = fit_resources({"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}, console, planned)
     threads = max(1, int(resources["cpu"]))
     study = Study(sweep, paths, state, uri, ds.to_numpy(), resources, threads, console)
     interrupted = False

@@ -275,3 +275,12 @@ def test_step_budgets_read_off_one_run_through_the_whole_pipeline(tmp_path, data
     assert float(rows[20]["test_acc_mean"]) == pytest.approx(sum(at20) / 2, abs=1e-4)
     assert (out / "accuracy_vs_step_budget.png").exists()
     assert "the step budgets 20 are read off each 40-step run" in (out / "report.md").read_text()
+
+
+def test_fewer_trials_than_cpu_slots_share_out_the_cores():
+    from dlcore.runner import share_cores
+
+    assert share_cores(1, 1, 2) == 2.0  # the only trial gets both cores
+    assert share_cores(1, 2, 2) == 1  # two trials, one core each
+    assert share_cores(1, 3, 8) == 2.0 and share_cores(1, 99, 8) == 1  # whole CPUs; a big sweep keeps its request
+    assert share_cores(2, 1, 2) == 2 and share_cores(0.5, 3, 2) == 0.5  # already the node / enough trials to fill it
