@@ -489,7 +489,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
             console.print(f"sent {sent - len(outbox.pending)} MLflow record(s) the last run could not", highlight=False)
         dangling = tracking.end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
         if dangling:
-            console.print(f"{dangling} run(s) left running by the interrupted driver marked KILLED (outcome interrupted)",
+            console.print(f"{dangling} run(s) the interrupted driver left open or lost with its Ray cluster marked KILLED (outcome interrupted)",
                           highlight=False)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -310,12 +310,22 @@ class TrackingStopper(tune.Stopper):
         return self.callback.outbox.gave_up
 
 
+# What Ray says of a trial whose actor was lost with its driver or its node, not through any fault of
+# its own: the trial was interrupted, not failed (a worker that crashed by itself, for example when
+# the OOM killer took it, stays failed).
+LOST_WITH_RAY = re.compile(r"owner has died|node has crashed|NodeDiedError|OwnerDiedError|node .* (?:died|is dead)")
+
+
 def end_dangling_runs(uri: str, experiment_id: str, parent_run_id: str) -> int:
     """End every child run of the parent still marked RUNNING (its driver was interrupted or killed)
-    as KILLED with outcome ``interrupted``; returns how many there were."""
+    as KILLED with outcome ``interrupted``, and relabel as such the runs the driver ended as failed
+    because their actor went down with its owner or node (a Ray cluster that went away); returns how
+    many there were. Both kinds run again on --resume."""
     client = MlflowClient(uri)
-    runs = client.search_runs([experiment_id], max_results=50000,
-                              filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    parent = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+    runs = client.search_runs([experiment_id], max_results=50000, filter_string=f"{parent} and attributes.status = 'RUNNING'")
+    lost = client.search_runs([experiment_id], max_results=50000, filter_string=f"{parent} and tags.`{TAG}outcome` = 'failed'")
+    runs += [r for r in lost if LOST_WITH_RAY.search(r.data.tags.get(TAG + "error", ""))]
     for r in runs:
         client.set_tag(r.info.run_id, TAG + "outcome", "interrupted")
         client.set_terminated(r.info.run_id, "KILLED")

@@ -64,6 +64,27 @@ def test_a_driver_ended_by_ray_is_reported_in_one_line_and_its_runs_closed(tmp_p
     assert child.data.tags["dlsweep.outcome"] == "interrupted"
 
 
+def test_trials_the_driver_saw_die_with_the_cluster_are_interrupted_not_failed(tmp_path):
+    """Tune's driver may hear a trial's actor die with its node before Ray ends the driver itself: that
+    trial was lost with the cluster, not failed. A trial that failed by itself stays failed."""
+    state_path, state = sweep_state(tmp_path)
+    client = MlflowClient(state["tracking_uri"])
+    ended = {"owner": "The actor is dead because its owner has died. Owner Id: 01 Owner Ip address: 192.0.2.2 Owner "
+                      "worker exit type: SYSTEM_ERROR Worker exit detail: Owner's node has crashed.",
+             "own": "ZeroDivisionError: division by zero"}
+    ids = {}
+    for name, error in ended.items():
+        run = client.create_run(state["experiment_id"], tags={MLFLOW_PARENT_RUN_ID: state["parent_run_id"],
+                                                              "dlsweep.outcome": "failed", "dlsweep.error": error})
+        client.set_terminated(run.info.run_id, "FAILED")
+        ids[name] = run.info.run_id
+    proc, _ = supervise(driver(state_path, state, "os._exit(1)"))
+    reap(proc, state_path, AGAIN, Console(file=io.StringIO(), width=400))
+    lost, own = client.get_run(ids["owner"]), client.get_run(ids["own"])
+    assert (lost.info.status, lost.data.tags["dlsweep.outcome"]) == ("KILLED", "interrupted")
+    assert (own.info.status, own.data.tags["dlsweep.outcome"]) == ("FAILED", "failed")
+
+
 def test_a_driver_killed_by_a_signal_is_reported_with_the_shells_exit_code(tmp_path):
     state_path, state = sweep_state(tmp_path)
     proc, _ = supervise(driver(state_path, state, "os.kill(os.getpid(), signal.SIGKILL)"))
