@@ -617,9 +617,9 @@ class Study:
                 self.results[name] = list(self._restore(name).get_results())
             self.console.print(f"{tuners[-1]}: continuing; failed and unfinished trials run again", highlight=False)
             restored = self._restore(tuners[-1])
-            self._fit(tuners[-1], restored, len(restored.get_results()))
-            if self.tracking_lost:
-                return
+            self._fit(tuners[-1], restored, self.state.get("totals", {}).get(tuners[-1], len(restored.get_results())))
+            if self.tracking_lost or self._stopped(tuners[-1]):
+                return  # a Ctrl-C stopped the restored tuner: it stops the whole invocation, not just that tuner
             stages, cells, _ = self.owed()
             if not stages and not cells:
                 return
@@ -638,10 +638,15 @@ class Study:
         tuners = self.state["tuners"]
         name = f"study-{len(tuners)}"
         tuners.append(name)
-        write_state(self.paths.state(self.state["name"]), self.state)
         total = len(stages) + sum(n for _, n in cells)
+        self.state.setdefault("totals", {})[name] = total  # the progress bar's total when it is restored
+        write_state(self.paths.state(self.state["name"]), self.state)
         self.console.print(f"{name}: {len(stages)} pretraining run(s), {len(cells)} grid cells, {total} trials", highlight=False)
         self._fit(name, self._tuner(name, stages, cells, ready), total)
+
+    def _stopped(self, name: str) -> bool:
+        """Whether tuner ``name`` ended with trials left unfinished (Tune returns normally on Ctrl-C)."""
+        return any(tracking.outcome(r.metrics, errored=r.error is not None) == "interrupted" for r in self.results[name])
 
     def _ready(self) -> set[str]:
         return {j.key for j in self.stages if cache.problem(self.paths.cache, j.key) is None}

@@ -209,6 +209,21 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_sweep, tmp_path, data_
     assert runs and all(r.info.status != "RUNNING" for r in runs)  # interrupted runs are ended, not left open
     assert {r.data.tags["dlsweep.outcome"] for r in runs} <= {"completed", "interrupted"}
 
+    # One Ctrl-C during the resumed tuner stops the whole invocation: no next tuner starts the trial again.
+    seen = set(store.glob("ray/*/*/study-*/*/checkpoint_*"))
+    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store), "--resume"],
+                            env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not set(store.glob("ray/*/*/study-*/*/checkpoint_*")) - seen:
+        time.sleep(0.5)  # until the restored trial has reported again
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["tuners"] == ["study-0"], out
+    assert "still owed" not in out
+
 
 def test_search_scope_cell_gives_the_other_seeds_the_first_seeds_pick(tiny_sweep, tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("DLSWEEP_DATA_DIR", data_dir)
