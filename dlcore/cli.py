@@ -64,6 +64,9 @@ def run(
     profile: Optional[str] = typer.Option(None, "--profile", help="Apply the file's named profile (e.g. cpu); runs as <name>-<profile>."),
     dry_run: bool = typer.Option(False, "--dry-run", metavar="", help="Validate and print the plan; run nothing."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="With --dry-run: print the plan as JSON."),
+    estimate: Optional[bool] = typer.Option(None, "--estimate/--no-estimate", help="With --dry-run: time a few steps of each "
+                                            "stage and arm here and estimate the wall time on this machine (default: on, "
+                                            "off with --json)."),
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the last interrupted run of this sweep."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
@@ -80,6 +83,11 @@ def run(
         fail(str(e))
     if dry_run:
         p = plan(sweep)
+        if estimate or (estimate is None and not as_json):
+            from .estimate import estimate as measure
+
+            with console.status("timing a few steps of each stage and arm on this machine", spinner="dots"):
+                p["estimate"] = measure(sweep)
         if as_json:
             print(json.dumps(p, indent=1))
         else:
@@ -145,6 +153,11 @@ def _drive_apart(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str 
     return reap(proc, Paths(store.resolve()).state(sweep.name), _again(sweep_file, store, sweep.profile), err)
 
 
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
 def _print_plan(p: dict) -> None:
     console.print(f"[bold]{p['name']}[/] on {p['dataset']}: {p['total_trials']} trials "
                   f"({p['pretrain_trials']} pretraining, {p['finetune_trials']} fine-tune)", highlight=False)
@@ -175,6 +188,11 @@ def _print_plan(p: dict) -> None:
            "none": "none: last checkpoint"}[v["protocol"]]
     console.print(f"select on {p['metric']} ({p['mode']}), validation {how}; {asha}; per trial {r['cpu']} CPU, "
                   f"{r['gpu']} GPU", highlight=False)
+    e = p.get("estimate")
+    if e:
+        rates = ", ".join(f"{k} {c['step_s'] * 1000:.0f} ms/step" for k, c in e["costs"].items())
+        console.print(f"estimated wall time on this machine: [bold]~{_duration(e['wall_s'])}[/] ({e['slots']} trial(s) at a time, "
+                      f"{e['threads_per_trial']} thread(s) each; measured {rates}; ASHA stops not counted)", highlight=False)
 
 
 @app.command()
