@@ -190,7 +190,9 @@ def _print_plan(p: dict) -> None:
                   f"{r['gpu']} GPU", highlight=False)
     e = p.get("estimate")
     if e:
-        rates = ", ".join(f"{k} {c['step_s'] * 1000:.0f} ms/step" for k, c in e["costs"].items())
+        ms = {k: c["step_s"] * 1000 for k, c in e["costs"].items()}
+        rates = (", ".join(f"{k} {v:.0f} ms/step" for k, v in ms.items()) if len(ms) <= 4 else
+                 f"{len(ms)} stages and arms at {min(ms.values()):.0f}-{max(ms.values()):.0f} ms/step")
         console.print(f"estimated wall time on this machine: [bold]~{_duration(e['wall_s'])}[/] ({e['slots']} trial(s) at a time, "
                       f"{e['threads_per_trial']} thread(s) each; measured {rates}; ASHA stops not counted)", highlight=False)
 

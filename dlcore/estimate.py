@@ -98,13 +98,12 @@ def estimate(sweep: Sweep, cpus: int | None = None) -> dict:
                 kind = job.stage if job.stage != "finetune" else f"arm {job.tags['arm']}"
                 if kind in costs:
                     continue
-                cfg = TrainConfig(**{**job.train, "out_dir": str(Path(tmp) / "probe"), "threads": per_trial})
-                if job.source:  # the arm's own model shape and frozen layers; the weights don't matter for speed
-                    picked = D.select_classes(ds, cfg.classes) if cfg.classes else ds
-                    enc = models.build_encoder(cfg.encoder, picked.image_shape, **cfg.encoder_args)
+                values = {**job.train, "out_dir": str(Path(tmp) / "probe"), "threads": per_trial}
+                if job.source:  # the job's own model shape and frozen layers; the weights don't matter for speed
+                    enc = models.build_encoder(values.get("encoder", "conv"), ds.image_shape, **values.get("encoder_args", {}))
                     torch.save(enc.state_dict(), Path(tmp) / "encoder.pt")
-                    cfg = replace(cfg, init_encoder=str(Path(tmp) / "encoder.pt"))
-                costs[kind] = _probe(cfg, ds)
+                    values["init_encoder"] = str(Path(tmp) / "encoder.pt")
+                costs[kind] = _probe(TrainConfig(**values), ds)
     finally:
         torch.set_num_threads(threads)
     trials = []

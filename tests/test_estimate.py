@@ -39,3 +39,15 @@ def test_dry_run_estimates_from_measured_steps_and_scales_with_them(tmp_path, da
     table = runner.invoke(app, ["run", str(path), "--dry-run"])
     assert "estimated wall time on this machine: ~" in table.output and "arm scratch" in table.output
     assert "estimated" not in runner.invoke(app, ["run", str(path), "--dry-run", "--no-estimate"]).output
+
+
+def test_a_stage_that_starts_from_another_is_timed_with_its_frozen_encoder(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("DLSWEEP_DATA_DIR", data_dir)
+    raw = {"data": MINIMAL["data"], "pretrain": {**MINIMAL["pretrain"], "dec": {
+        "objective": "decode", "from": "ae", "steps": 30, "encoder_args": {"latent_dim": 8}}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(path), "--dry-run", "--json", "--estimate"])
+    assert result.exit_code == 0, result.output
+    e = json.loads(result.output)["estimate"]
+    assert set(e["costs"]) == {"ae", "dec"} and e["wall_s"] > 30 * (e["costs"]["ae"]["step_s"] + e["costs"]["dec"]["step_s"])
