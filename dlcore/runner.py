@@ -321,6 +321,12 @@ class ProgressCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, "failed", tracking.error_line(trial))
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.counts["running"] -= 1  # it starts again (max_failures): on_trial_start counts it anew
+        DISPLAY["progress"].console.print(f"[yellow]{'restarting':13}[/] {tracking.short_name(trial.config['job']['tags'])}  "
+                                          f"{tracking.error_line(trial)}", highlight=False, soft_wrap=True)
+        self._update()
+
     @property
     def finished(self) -> int:
         return sum(self.counts[k] for k in tracking.OUTCOMES)
@@ -590,6 +596,7 @@ class Study:
                                         num_samples=len(stages) + sum(n for _, n in cells), reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(self.storage), callbacks=[mlflow_cb, ProgressCallback()],
                                       stop=tracking.TrackingStopper(mlflow_cb), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
 

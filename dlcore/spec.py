@@ -309,6 +309,10 @@ class Sweep(Strict):
     target: Optional[float] = Field(None, gt=0, le=1)  # accuracy the report counts steps to
     asha: AshaSpec = Field(default_factory=AshaSpec)
     resources: Resources = Field(default_factory=Resources)
+    # Times Tune restarts a trial whose worker or node died (or that raised): for clusters whose nodes
+    # can go away (spot instances). A restarted trial trains again from its start, and its MLflow run
+    # is replaced, never duplicated. 0: a trial that dies is failed at once (and --resume reruns it).
+    max_failures: int = Field(0, ge=0, le=100)
     tracking: Tracking = Field(default_factory=Tracking)
     _overrides: list[str] = PrivateAttr(default_factory=list)  # the --set texts it was loaded with, so that errors can name them
 

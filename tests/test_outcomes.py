@@ -328,3 +328,37 @@ def test_the_ray_cluster_joined_going_away_is_one_line_and_saved(tmp_path, data_
             os.killpg(proc.pid, signal.SIGTERM)  # passed on to the driver, which runs in a session of its own
             proc.communicate(timeout=60)
         cluster.shutdown()
+
+
+def test_a_worker_node_lost_mid_trial_restarts_the_trial_elsewhere_with_max_failures(tmp_path, data_dir):
+    """`max_failures`: a trial whose node goes away starts again on another node; the sweep finishes
+    with every trial's run once, completed, and says a trial was restarted."""
+    from ray.cluster_utils import Cluster
+
+    raw = {**SWEEP, "finetune": {**SWEEP["finetune"], "arms": {"scratch": {}}, "labels": [20], "steps": [400],
+                                  "eval_every": 20}, "max_failures": 2}
+    del raw["pretrain"]
+    path, store = write(tmp_path, raw), tmp_path / "store"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
+    worker = cluster.add_node(num_cpus=1)
+    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--address",
+                             cluster.address], cwd=ROOT, env={**os.environ, "DLSWEEP_DATA_DIR": data_dir},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((store / "ray").glob("*/*/study-*/*/checkpoint_*")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)  # until the trial has reported from the worker
+        cluster.remove_node(worker, allow_graceful=False)
+        cluster.add_node(num_cpus=1)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert "restarting" in out and "done (1 completed)" in out
+        runs = runs_of(sqlite(store))
+        assert len(runs) == 1 and runs[0].data.tags["dlsweep.outcome"] == "completed"
+        assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["test_acc"] > 0.1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.communicate(timeout=60)
+        cluster.shutdown()
