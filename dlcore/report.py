@@ -238,7 +238,8 @@ def read_trials(client: MlflowClient, experiment_id: str, parent: str, metric: s
                       m.get("test_loss"), int(val_labels) if val_labels is not None else None, dict(r.data.params),
                       validation=validation, total=total, source=tags.get(TAG + "pretrained_from", ""))
         trials.append(trial)
-        trials += read_off(trial, m, tags.get(TAG + "step_budgets", ""), metric)
+        if labels:  # a run still under way has not logged its labels yet: its read-off budgets wait for them
+            trials += read_off(trial, m, tags.get(TAG + "step_budgets", ""), metric)
     return trials, runs
 
 
@@ -321,6 +322,61 @@ def grid_downstream(points: list[dict], chosen: list[Trial]) -> dict[str, dict[i
                 by_labels[t.labels].append(t.test_acc)
         out[p["stage"]] = {n: float(np.mean(v)) for n, v in sorted(by_labels.items())}
     return out
+
+
+def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float | None) -> list[str]:
+    """The trade pretraining makes: each stage's cost (paid once, on unlabelled images) beside the
+    fine-tune steps each pretrained arm needs to reach ``target`` against scratch at the same labels
+    (the longest step budget's curves), as images processed (steps x batch)."""
+    if not stages or not cells:
+        return []
+    lines = ["## Compute: pretraining paid once, fine-tune steps saved", "",
+             "Images processed = optimizer steps x batch size, a hardware-free measure of compute (a pretraining "
+             "step and a fine-tune step of the same encoder cost about the same per image).", "",
+             "| stage | steps | batch | images processed | trained on (unlabelled) | wall time |", "|" + " --- |" * 6]
+    cost = {}
+    for name, run in sorted(stages.items()):
+        p, m = run.data.params, run.data.metrics
+        steps, batch = int(float(p.get("steps", 0))), int(float(p.get("batch_size", 0)))
+        cost[name] = steps * batch
+        wall = f"{m['wall_s'] / 60:.1f} min" if "wall_s" in m else "-"
+        lines.append(f"| {name} | {steps:,} | {batch} | {steps * batch:,} | {int(m.get('train_size', 0)):,} images | {wall} |")
+    if target is None:
+        return lines + [""]
+    longest = {}
+    for c in cells:
+        if c.steps >= longest.get((c.arm, c.labels), c).steps:
+            longest[(c.arm, c.labels)] = c
+    lines += ["", f"Fine-tune steps to {target:.0%} validation accuracy (median over seeds, 95% bootstrap interval), and "
+              "the fine-tune images a pretrained arm saves against scratch at the same labels; 'pays back after' is the "
+              "stage's images over the images saved per fine-tune run.", "",
+              "| labels | arm | steps to target | fine-tune images to target | saved vs scratch | pays back after |",
+              "|" + " --- |" * 6]
+    for labels in sorted({k[1] for k in longest}):
+        base = longest.get((BASELINE, labels))
+        base_est = steps_estimate(base, target) if base else None
+        for arm in sorted((a for a, b in longest if b == labels), key=lambda a: (a != BASELINE, a)):
+            c = longest[(arm, labels)]
+            found = steps_estimate(c, target)
+            if found is None:
+                continue
+            est, batch = found[0], int(float(c.trials[0].params.get("batch_size", 0) or 0))
+            steps = stats.fmt_estimate(est, stats.fmt_steps, stats.fmt)
+            images = stats.fmt(est.point.scaled(batch)) if batch else "-"
+            saved, back = "", ""
+            source = c.trials[0].source
+            if arm != BASELINE and base_est and batch:
+                a, b = est.point, base_est[0].point
+                if a.kind == "exact" and b.kind == "exact":
+                    diff = (b.value - a.value) * batch
+                    saved = f"{diff:,.0f}"
+                    back = (f"{cost[source] / diff:,.1f} runs" if diff > 0 and source in cost else "never" if diff <= 0 else "")
+                elif b.kind == "above" and a.kind != "above":
+                    saved, back = f"> {(b.value - a.value) * batch:,.0f}", ""
+                elif a.kind == "above":
+                    saved, back = "none (never reached)", "never"
+            lines.append(f"| {c.labels:,} | {arm} | {steps} | {images} | {saved or '-'} | {back or '-'} |")
+    return lines + [""]
 
 
 def grid_markdown(base: str, points: list[dict], downstream: dict) -> list[str]:
@@ -599,6 +655,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             cols += [f"{m[k]:.4f}" if k in m else "-" for k in ("test_loss", "test_l1", "test_l2")]
             md.append(f"| {name} | {run.data.tags.get(TAG + 'objective', '?')} | " + " | ".join(cols) + " |")
         md.append("")
+    md += compute_markdown(stages, cells, target) if finetuned else []
     md += grid_md + embeddings_markdown(embeddings)
     md += ["## Trials", "", _trials_markdown(counts, problems), ""]
     (out / "report.md").write_text("\n".join(md))

@@ -370,6 +370,14 @@ def test_realistic_runs_with_step_budgets_read_off_become_one_trial_per_budget(t
     assert "a budget's labels are all it used" in md
     assert {"accuracy_vs_labels.png", "accuracy_vs_step_budget.png", "accuracy_vs_steps.png"} <= set(result["figures"])
 
+    # A fraction-budget run still under way has read off its 100-step budget but logged no labels yet:
+    # that budget waits for them rather than landing on a 0-label point.
+    tags = {"stage": "finetune", "arm": "scratch", "labels": "0.5", "steps": 200, "seed": 0, "validation": "realistic",
+            "cell": "scratch/labels=0.5/steps=200/seed=0", "step_budgets": "100"}
+    add_run(client, exp, parent, tags, [("at100/test_acc", 0.5, 100), ("at100/best_val_acc", 0.5, 100)], status="RUNNING")
+    trials, _ = R.read_trials(client, exp, parent)
+    assert all(t.labels > 0 for t in trials if t.outcome == "completed")
+
 
 def test_compare_two_reports_of_the_same_grid(tmp_path):
     rows = {"realistic": [("scratch", 100, 0.70, 0.02, 100), ("scratch", 300, 0.85, None, 300)],
@@ -446,3 +454,25 @@ def test_a_sweep_run_before_the_sampler_was_recorded_is_described_as_it_ran():
     text = R.protocol(spec, [], sampler=None)
     assert "2 Optuna TPE sample(s) per cell over lr ~ loguniform[0.0001, 0.01]; with 2 ≤ 4 samples TPE " \
            "(n_startup_trials=4) is pure random sampling" in text and "Sobol" not in text
+
+
+def test_compute_view_sets_pretraining_images_against_fine_tune_images_saved():
+    from types import SimpleNamespace
+
+    def cell(arm, cross):  # validation accuracy reaches 0.8 exactly at step ``cross`` for every seed
+        trials = [R.Trial(f"{arm}{s}", arm, "100", 100, 200, s, "completed", 0.9, 0.9, params={"batch_size": "32"},
+                          curve=[(0, 0.1), (cross, 0.8), (200, 0.9)], source="" if arm == "scratch" else "ae")
+                  for s in range(3)]
+        return R.Cell(arm, 100, 200, trials)
+
+    stage = SimpleNamespace(data=SimpleNamespace(params={"steps": "100", "batch_size": "64"},
+                                                 metrics={"train_size": 5000, "wall_s": 90}))
+    md = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 50), cell("scratch", 100)], 0.8))
+    assert "| ae | 100 | 64 | 6,400 | 5,000 images | 1.5 min |" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| 100 |")]
+    assert rows[0].startswith("| 100 | scratch | 100 ") and "| 3,200 |" in rows[0]  # the baseline first
+    # pretrained saves (100 - 50) steps x 32 = 1,600 images per run; 6,400 / 1,600 = 4 runs to pay back
+    assert rows[1].startswith("| 100 | pretrained | 50 ") and rows[1].endswith("| 1,600 | 4.0 runs |")
+    never = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 150), cell("scratch", 100)], 0.8))
+    assert "| -1,600 | never |" in never
+    assert R.compute_markdown({"ae": stage}, [cell("scratch", 100)], None)[-2].startswith("| ae |")  # no target: cost only
