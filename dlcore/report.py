@@ -397,6 +397,7 @@ def trial_outcomes(runs: list) -> tuple[dict[str, Counter], list[str]]:
     """Counts by stage and outcome, and one line per trial that diverged, failed or was interrupted."""
     counts: dict[str, Counter] = defaultdict(Counter)
     problems = []
+    done = {r.data.tags.get(TAG + "cell") for r in runs if run_outcome(r) == "completed"}
     for r in sorted(runs, key=lambda r: (r.data.tags.get(TAG + "stage", ""), r.data.tags.get(TAG + "cell", ""))):
         tags, outcome = r.data.tags, run_outcome(r)
         stage = tags.get(TAG + "stage", "?")
@@ -409,7 +410,10 @@ def trial_outcomes(runs: list) -> tuple[dict[str, Counter], list[str]]:
             step = r.data.metrics.get("diverged_step")
             problems.append(f"`{name}` diverged" + (f" at step {step:,.0f}" if step is not None else ""))
         elif outcome == "interrupted":
-            problems.append(f"`{name}` interrupted: no outcome logged (still running, or the sweep was stopped)")
+            why = ("the sweep was stopped" if tags.get(TAG + "outcome") == "interrupted" else
+                   "no outcome logged: still running, or the sweep was stopped")
+            again = "; its cell has a completed trial (run again on resume, or another sample)" if tags.get(TAG + "cell") in done else ""
+            problems.append(f"`{name}` interrupted ({why}){again}")
     return dict(counts), problems
 
 

@@ -50,6 +50,17 @@ class SweepLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
+def unshared(node: Any) -> Any:
+    """``node`` with every mapping and list rebuilt: a YAML alias (``*encoder``) becomes a copy of its
+    anchor, so that ``--set pretrain.ae.encoder_args.latent_dim=32`` changes ae alone, not every stage
+    that wrote ``*encoder``."""
+    if isinstance(node, dict):
+        return {k: unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [unshared(v) for v in node]
+    return node
+
+
 def read_yaml(path: Path) -> Any:
     """The parsed file; SpecError when it is missing, unreadable, not UTF-8, not YAML, or gives a key twice."""
     if path.is_dir():
@@ -63,7 +74,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     try:
-        return yaml.load(text, SweepLoader)
+        return unshared(yaml.load(text, SweepLoader))
     except DuplicateKeyError as e:
         raise SpecError(f"{path}: {e}") from None
     except yaml.YAMLError as e:

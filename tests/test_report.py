@@ -166,6 +166,8 @@ def test_trials_blocked_cells_and_protocol(known):
     assert result["missing"] == []  # blocked cells are not "missing"
     assert "`scratch/labels=1000/steps=200/seed=1` failed: RuntimeError: out of memory" in result["problems"]
     assert "`pretrained/labels=100/steps=200/seed=0` diverged at step 120" in result["problems"]
+    assert ("`pretrained/labels=1000/steps=200/seed=2` interrupted (no outcome logged: still running, or the sweep was "
+            "stopped); its cell has a completed trial (run again on resume, or another sample)") in result["problems"]
     assert "**6 cell(s) blocked (pretraining stage dae diverged):** dae/labels=100/steps=200/seed=0" in md
     assert "| finetune | 24 | 0 | 1 | 1 | 1 |" in md and "| dae | 0 | 0 | 1 | 0 | 0 |" in md
     assert "Validation: oracle: a fixed split of 5,000 labelled training images outside every budget (split seed 0" in md

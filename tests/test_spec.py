@@ -266,3 +266,13 @@ def test_bad_stage_grids_are_one_line_errors(tmp_path, grid, message):
     with pytest.raises(S.SpecError) as e:
         S.load_sweep(write(tmp_path, raw))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_set_on_a_yaml_alias_changes_that_stage_alone(tmp_path):
+    """`encoder_args: *encoder` shares one mapping in the parsed YAML: --set on one stage must not reach the others."""
+    path = tmp_path / "study.yaml"
+    path.write_text("data: {dataset: mnist}\npretrain:\n  ae: {objective: autoencoder, encoder_args: &enc {latent_dim: 12}}\n"
+                    "  clf: {objective: classify, encoder_args: *enc}\n")
+    sweep = S.load_sweep(path, ["pretrain.ae.encoder_args.latent_dim=32"])
+    assert sweep.pretrain["ae"].encoder_args["latent_dim"] == 32
+    assert sweep.pretrain["clf"].encoder_args["latent_dim"] == 12
