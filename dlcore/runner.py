@@ -13,12 +13,14 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 # Quiet Ray before it is imported: no usage prompt, no per-trial loggers, experiment state
@@ -559,6 +561,32 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     return state
 
 
+@contextmanager
+def _ctrl_c_seen():
+    """Yields a list that holds SIGINT once a Ctrl-C arrived while the block ran a ``Tuner.fit``.
+
+    Tune returns normally on a first Ctrl-C: its handler stops the trials and puts back the handler it
+    found, which is the one installed here, so the handler in place afterwards tells whether it ran.
+    A second Ctrl-C reaches the handler here, which raises KeyboardInterrupt as Python's own would."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def ctrl_c(signum, _frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    try:
+        yield seen
+    finally:
+        if tune_catches and signal.getsignal(signal.SIGINT) is ctrl_c and not seen:
+            seen.append(signal.SIGINT)  # Tune's handler ran, and handed this one back
+        signal.signal(signal.SIGINT, previous)
+
+
 class Study:
     """One sweep invocation's trials on Tune. A first tuner runs every stage and cell; on resume the
     last tuner is restored (failed and unfinished trials run again), then one more tuner runs what
@@ -574,6 +602,7 @@ class Study:
         self.cells = finetune_cells(sweep)
         self.results: dict[str, list] = {}  # tuner name -> its results (tune.Result)
         self.tracking_lost = False
+        self.ctrl_c = False  # a Ctrl-C stopped a tuner (Tune returns normally then)
 
     @property
     def storage(self) -> Path:
@@ -604,8 +633,9 @@ class Study:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console)
         DISPLAY.update(progress=progress, task=progress.add_task(self.sweep.name, total=total, completed=0, status=""))
-        with progress:
+        with progress, _ctrl_c_seen() as seen:
             grid = tuner.fit()
+        self.ctrl_c = self.ctrl_c or bool(seen)
         self.results[name] = list(grid)
         outbox = tracking.Outbox(self.uri, self.paths.outbox(self.state["name"]))  # what the callback could not send
         if not outbox.flush():
@@ -625,7 +655,7 @@ class Study:
             self.console.print(f"{tuners[-1]}: continuing; failed and unfinished trials run again", highlight=False)
             restored = self._restore(tuners[-1])
             self._fit(tuners[-1], restored, self.state.get("totals", {}).get(tuners[-1], len(restored.get_results())))
-            if self.tracking_lost or self._stopped(tuners[-1]):
+            if self.tracking_lost or self.ctrl_c:
                 return  # a Ctrl-C stopped the restored tuner: it stops the whole invocation, not just that tuner
             stages, cells, _ = self.owed()
             if not stages and not cells:
@@ -650,10 +680,6 @@ class Study:
         write_state(self.paths.state(self.state["name"]), self.state)
         self.console.print(f"{name}: {len(stages)} pretraining run(s), {len(cells)} grid cells, {total} trials", highlight=False)
         self._fit(name, self._tuner(name, stages, cells, ready), total)
-
-    def _stopped(self, name: str) -> bool:
-        """Whether tuner ``name`` ended with trials left unfinished (Tune returns normally on Ctrl-C)."""
-        return any(tracking.outcome(r.metrics, errored=r.error is not None) == "interrupted" for r in self.results[name])
 
     def _ready(self) -> set[str]:
         return {j.key for j in self.stages if cache.problem(self.paths.cache, j.key) is None}
