@@ -543,7 +543,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
             watch.lost()  # Ray's core worker is about to end this process anyway; the supervisor speaks
         state["status"] = "interrupted"
         write_state(state_path, state)
-        tracking.finish_sweep(uri, state, console)
+        tracking.finish_sweep(uri, state, console, cluster_lost=lost)
         if lost:
             raise RunError(f"the Ray cluster at {watch.where} went away mid-sweep; state saved; once Ray is back, "
                            f"continue with: dlsweep run {source} --resume", code=1) from None

@@ -126,5 +126,6 @@ def reap(proc: subprocess.Popen, state_path: Path, again: str, err: Console) -> 
     err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     from . import tracking  # brings Ray's Python package along; this process still never starts or joins Ray
 
-    tracking.finish_sweep(state["tracking_uri"], state, err)
+    # Trials the driver saw die just before it did went down with it (or with the cluster): interrupted.
+    tracking.finish_sweep(state["tracking_uri"], state, err, cluster_lost=True)
     return max(exit_code, 1)

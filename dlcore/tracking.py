@@ -310,22 +310,25 @@ class TrackingStopper(tune.Stopper):
         return self.callback.outbox.gave_up
 
 
-# What Ray says of a trial whose actor was lost with its driver or its node, not through any fault of
-# its own: the trial was interrupted, not failed (a worker that crashed by itself, for example when
-# the OOM killer took it, stays failed).
-LOST_WITH_RAY = re.compile(r"owner has died|node has crashed|NodeDiedError|OwnerDiedError|node .* (?:died|is dead)")
+# What Ray 2.x says (the last line of the error, which is what a run's dlsweep.error tag keeps) of a
+# trial whose actor was lost with its owner, the driver, or with its node: "The actor is dead because
+# its owner has died. ... Worker exit detail: Owner's node has crashed." and "The actor died because
+# its node has died. ...\n\tthe actor's node was terminated unexpectedly: <reason>".
+LOST_WITH_RAY = re.compile(r"because its owner has died|because its node has died|the actor's node was terminated unexpectedly")
 
 
-def end_dangling_runs(uri: str, experiment_id: str, parent_run_id: str) -> int:
+def end_dangling_runs(uri: str, experiment_id: str, parent_run_id: str, cluster_lost: bool = False) -> int:
     """End every child run of the parent still marked RUNNING (its driver was interrupted or killed)
-    as KILLED with outcome ``interrupted``, and relabel as such the runs the driver ended as failed
-    because their actor went down with its owner or node (a Ray cluster that went away); returns how
-    many there were. Both kinds run again on --resume."""
+    as KILLED with outcome ``interrupted``; returns how many there were. When the sweep's Ray cluster
+    went away (``cluster_lost``), the runs the driver had already ended as failed because their actor
+    went down with its owner or node are interrupted too: both kinds run again on --resume. (A node
+    lost from a cluster that lives on leaves its trials failed, or restarted under max_failures.)"""
     client = MlflowClient(uri)
     parent = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
     runs = client.search_runs([experiment_id], max_results=50000, filter_string=f"{parent} and attributes.status = 'RUNNING'")
-    lost = client.search_runs([experiment_id], max_results=50000, filter_string=f"{parent} and tags.`{TAG}outcome` = 'failed'")
-    runs += [r for r in lost if LOST_WITH_RAY.search(r.data.tags.get(TAG + "error", ""))]
+    if cluster_lost:
+        failed = client.search_runs([experiment_id], max_results=50000, filter_string=f"{parent} and tags.`{TAG}outcome` = 'failed'")
+        runs += [r for r in failed if LOST_WITH_RAY.search(r.data.tags.get(TAG + "error", ""))]
     for r in runs:
         client.set_tag(r.info.run_id, TAG + "outcome", "interrupted")
         client.set_terminated(r.info.run_id, "KILLED")
@@ -368,7 +371,7 @@ def finish_parent(uri: str, run_id: str, status: str, tags: dict | None = None, 
     client.set_terminated(run_id, status)
 
 
-def finish_sweep(uri: str, state: dict, console, summary: dict | None = None) -> None:
+def finish_sweep(uri: str, state: dict, console, summary: dict | None = None, cluster_lost: bool = False) -> None:
     """End a sweep invocation's parent run as its state's status says, with the counts by outcome
     when ``summary`` has them; runs a killed trial left open end as KILLED. A tracking server that
     does not answer is said on ``console`` (a rich Console), not raised: --resume closes them."""
@@ -383,7 +386,7 @@ def finish_sweep(uri: str, state: dict, console, summary: dict | None = None) ->
         if "wall_s" in summary:
             metrics["wall_s"] = summary["wall_s"]
     try:
-        end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
+        end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"], cluster_lost)
         finish_parent(uri, state["parent_run_id"], status, tags, metrics)
     except Exception as e:  # noqa: BLE001 -- the tracking server may be the reason we stopped
         console.print(f"[yellow]could not close the sweep's MLflow run ({str(e).splitlines()[0][:200]}); "

@@ -71,7 +71,9 @@ def test_trials_the_driver_saw_die_with_the_cluster_are_interrupted_not_failed(t
     client = MlflowClient(state["tracking_uri"])
     ended = {"owner": "The actor is dead because its owner has died. Owner Id: 01 Owner Ip address: 192.0.2.2 Owner "
                       "worker exit type: SYSTEM_ERROR Worker exit detail: Owner's node has crashed.",
-             "own": "ZeroDivisionError: division by zero"}
+             "node": "\tthe actor's node was terminated unexpectedly: health check failed due to missing too many heartbeats",
+             "own": "ZeroDivisionError: division by zero",
+             "mentions a node": "ValueError: node 3 died in the user's own simulation"}
     ids = {}
     for name, error in ended.items():
         run = client.create_run(state["experiment_id"], tags={MLFLOW_PARENT_RUN_ID: state["parent_run_id"],
@@ -80,9 +82,12 @@ def test_trials_the_driver_saw_die_with_the_cluster_are_interrupted_not_failed(t
         ids[name] = run.info.run_id
     proc, _ = supervise(driver(state_path, state, "os._exit(1)"))
     reap(proc, state_path, AGAIN, Console(file=io.StringIO(), width=400))
-    lost, own = client.get_run(ids["owner"]), client.get_run(ids["own"])
-    assert (lost.info.status, lost.data.tags["dlsweep.outcome"]) == ("KILLED", "interrupted")
-    assert (own.info.status, own.data.tags["dlsweep.outcome"]) == ("FAILED", "failed")
+    for name in ("owner", "node"):
+        lost = client.get_run(ids[name])
+        assert (lost.info.status, lost.data.tags["dlsweep.outcome"]) == ("KILLED", "interrupted"), name
+    for name in ("own", "mentions a node"):
+        own = client.get_run(ids[name])
+        assert (own.info.status, own.data.tags["dlsweep.outcome"]) == ("FAILED", "failed"), name
 
 
 def test_a_driver_killed_by_a_signal_is_reported_with_the_shells_exit_code(tmp_path):
