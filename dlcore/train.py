@@ -422,7 +422,7 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
 
     def evaluation(done: int) -> dict:
         """Train metrics since the last evaluation, validation (and test-curve) metrics now."""
-        metrics = {"step": done}
+        metrics = {"step": done, **labels}  # labels too, so a run stopped early still says what it read
         if run_n:
             metrics["train_loss"] = float(run_loss) / run_n
             if cfg.objective == "classify":

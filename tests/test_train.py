@@ -37,6 +37,8 @@ def test_classifier_reports_each_eval_and_keeps_best_checkpoint(small, tmp_path)
         running = max(running, m["val_acc"])
     assert calls[-1][1] is not None and "test_acc" in calls[-1][0]
     assert final["train_size"] == 100
+    # every evaluation says what the run reads, so a run stopped early still places its read-off budgets
+    assert all(m["labels_train"] + m["labels_val"] == final["labels_total"] for m in evals)
     meta = json.loads((tmp_path / "checkpoint" / "meta.json").read_text())
     assert meta["step"] == final["best_step"]
     assert len(json.loads((tmp_path / "checkpoint" / "history.json").read_text())) == 5
