@@ -86,8 +86,14 @@ def run(
         if estimate or (estimate is None and not as_json):
             from .estimate import estimate as measure
 
-            with console.status("timing a few steps of each stage and arm on this machine", spinner="dots"):
-                p["estimate"] = measure(sweep)
+            from .estimate import EstimateError
+            from .store import Paths
+
+            try:
+                with console.status("timing a few steps of each stage and arm on this machine", spinner="dots"):
+                    p["estimate"] = measure(sweep, cache_dir=Paths(store).cache)
+            except EstimateError as e:
+                p["estimate"] = {"error": str(e)}
         if as_json:
             print(json.dumps(p, indent=1))
         else:
@@ -189,12 +195,15 @@ def _print_plan(p: dict) -> None:
     console.print(f"select on {p['metric']} ({p['mode']}), validation {how}; {asha}; per trial {r['cpu']} CPU, "
                   f"{r['gpu']} GPU", highlight=False)
     e = p.get("estimate")
-    if e:
+    if e and "error" in e:
+        console.print(f"[yellow]no wall-time estimate: {e['error']}[/]", highlight=False)
+    elif e:
         ms = {k: c["step_s"] * 1000 for k, c in e["costs"].items()}
         rates = (", ".join(f"{k} {v:.0f} ms/step" for k, v in ms.items()) if len(ms) <= 4 else
                  f"{len(ms)} stages and arms at {min(ms.values()):.0f}-{max(ms.values()):.0f} ms/step")
         console.print(f"estimated wall time on this machine: [bold]~{_duration(e['wall_s'])}[/] ({e['slots']} trial(s) at a time, "
-                      f"{e['threads_per_trial']} thread(s) each; measured {rates}; ASHA stops not counted)", highlight=False)
+                      f"{e['threads_per_trial']} thread(s) each; measured {rates}; ASHA stops not counted"
+                      f"{'; ' + str(e['cached_stages']) + ' cached stage(s) reused' if e['cached_stages'] else ''})", highlight=False)
 
 
 @app.command()

@@ -21,81 +21,117 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from . import models
+from . import cache, models
 from .spec import Job, Sweep, finetune_cells, pretrain_jobs
 from .train import TrainConfig, train
 
 RAY_START_S = 6.0  # ray.init, the MLflow parent run and the tuner, measured on the 2-core CPU
 TRIAL_START_S = 1.0  # a trial's actor (reused) and its data (shared through the object store)
 PROBE_STEPS = 4
-PROBE_TEST = 1000  # test images the probe evaluates; the test pass is scaled to the whole set
+PROBE_BATCH = 64  # larger batches are timed at this size and scaled (a CPU step's time grows about linearly)
+PROBE_IMAGES = 1000  # validation and test images the probe evaluates; passes are scaled to the real counts
+
+
+class EstimateError(Exception):
+    """The probe could not time a stage or arm (it diverged at once, say)."""
 
 
 def _probe(cfg: TrainConfig, ds: D.Dataset) -> dict:
     """Seconds per optimizer step, per validation pass and per test pass of ``cfg`` on this machine."""
+    picked = D.select_classes(ds, cfg.classes) if cfg.classes else ds
+    n_test = min(cfg.test_size or len(picked.x_test), len(picked.x_test))
+    batch = min(cfg.batch_size, PROBE_BATCH)
+    pretraining = cfg.objective != "classify"
+    val = cfg.val_size if isinstance(cfg.val_size, int) else round(cfg.val_size * len(picked.x_train))
+    probe = replace(cfg, steps=PROBE_STEPS, eval_every=PROBE_STEPS, step_budgets=None, test_curve=False, batch_size=batch,
+                    test_size=min(PROBE_IMAGES, n_test), embeddings=False,
+                    val_size=min(val, PROBE_IMAGES) if pretraining else cfg.val_size)
     marks: list[tuple[float, dict]] = []  # when each report came, and what it said
-    probe = replace(cfg, steps=PROBE_STEPS, eval_every=PROBE_STEPS, step_budgets=None, test_curve=False,
-                    test_size=min(PROBE_TEST, len(ds.x_test)), embeddings=False)
     t0 = time.perf_counter()
     train(probe, report=lambda metrics, _ckpt: marks.append((time.perf_counter(), metrics)), data=ds)
     end = time.perf_counter()
+    if len(marks) < 2 or "samples_per_s" not in marks[-2][1]:
+        raise EstimateError(f"{cfg.objective} run did not get through {PROBE_STEPS} steps (it diverged at once?)")
     t_steps, after_steps = marks[-2]  # the evaluation after the probe's steps (the last report is the test's)
-    train_s = PROBE_STEPS * cfg.batch_size / after_steps["samples_per_s"]
+    train_s = PROBE_STEPS * batch / after_steps["samples_per_s"]
     if len(marks) == 3:  # step 0 was evaluated too: the time between the two evaluations' ends is steps + one pass
         val_s = max(t_steps - marks[0][0] - train_s, 0.0)
         setup_s = max(marks[0][0] - t0 - val_s, 0.0)
     else:  # nothing to validate on (protocol none)
         val_s, setup_s = 0.0, max(t_steps - t0 - train_s, 0.0)
-    test_s = (end - t_steps) * len(ds.x_test) / probe.test_size
-    return {"step_s": train_s / PROBE_STEPS, "val_s": val_s, "test_s": test_s, "setup_s": setup_s}
+    if pretraining and val:
+        val_s *= val / probe.val_size
+    return {"step_s": train_s / PROBE_STEPS * cfg.batch_size / batch, "val_s": val_s,
+            "test_s": (end - t_steps) * n_test / probe.test_size, "setup_s": setup_s}
 
 
-def _seconds(job: Job, cost: dict) -> float:
-    """One trial of ``job`` at the probed costs: its steps, its evaluations (step 0 included) and
-    one test pass per step budget read off the run plus the final one."""
+def _seconds(job: Job, cost: dict, val_scale: float = 1.0) -> float:
+    """One trial of ``job`` at the probed costs: its steps, its evaluations (step 0 included; each
+    ``val_scale`` times the probed pass) and one test pass per step budget read off the run plus the final one."""
     t = job.train
     steps, every = t["steps"], t.get("eval_every", 100)
     budgets = t.get("step_budgets") or []
     evals = steps // every + 1 + len(budgets)
     tests = 1 + len(budgets) + (evals if t.get("test_curve") else 0)
-    return cost["setup_s"] + steps * cost["step_s"] + evals * cost["val_s"] + tests * cost["test_s"]
+    return cost["setup_s"] + steps * cost["step_s"] + evals * cost["val_s"] * val_scale + tests * cost["test_s"]
 
 
 def _layout(trials: list[tuple[float, str | None, str]], slots: int) -> float:
-    """Wall time of ``trials`` (seconds, the key it waits for or None, its own key) on ``slots``
-    parallel slots, each taken by the first trial in order whose source has finished."""
+    """Wall time of ``trials`` (seconds, the key it waits for or None, its own key), in the order the
+    runner hands them out, on ``slots`` parallel slots: each free slot takes the trial that can start
+    soonest (what it waits for has finished), the earlier in order on a tie."""
+    keys = {t[2] for t in trials}
+    pending = [(secs, source if source in keys else None, key) for secs, source, key in trials]
     done: dict[str, float] = {}
     free = [0.0] * slots
-    pending = list(trials)
     end = 0.0
     while pending:
         at = heapq.heappop(free)
-        trial = next((t for t in pending if t[1] is None or t[1] in done), pending[0])
+
+        def ready(t, at=at) -> float:
+            return at if t[1] is None else max(at, done.get(t[1], float("inf")))
+
+        trial = min(pending, key=ready)  # its source is always handed out before it: never inf
         pending.remove(trial)
-        secs, source, key = trial
-        finish = max(at, done.get(source, 0.0)) + secs + TRIAL_START_S
-        done[key] = max(done.get(key, 0.0), finish)
+        finish = ready(trial) + trial[0] + TRIAL_START_S
+        done[trial[2]] = max(done.get(trial[2], 0.0), finish)
         heapq.heappush(free, finish)
         end = max(end, finish)
     return end
 
 
-def estimate(sweep: Sweep, cpus: int | None = None) -> dict:
+def slots_here(resources, cpus: int, gpus: int) -> tuple[int, int]:
+    """Trials at a time on this machine and threads each, as the runner would set them: Ray packs
+    ``cpus / resources.cpu`` trials (and ``gpus / resources.gpu`` where trials ask for a GPU this
+    machine has), each with ``int(cpu)`` threads, at least 1; more threads than cores don't run faster."""
+    per_trial = max(1, min(int(resources.cpu), cpus))
+    slots = max(1, min(int(cpus // resources.cpu), cpus // per_trial))
+    if resources.gpu and gpus:
+        slots = max(1, min(slots, int(gpus // resources.gpu)))
+    return slots, per_trial
+
+
+def estimate(sweep: Sweep, cpus: int | None = None, cache_dir: Path | None = None) -> dict:
     """Measured costs per stage and arm and the sweep's predicted wall time on this machine
-    (``cpus``: the CPUs Ray would get here, default all of them)."""
+    (``cpus``: the CPUs Ray would get here, default all of them; stages whole in ``cache_dir`` are
+    reused by the runner and cost nothing)."""
     cpus = cpus or os.cpu_count() or 1
-    per_trial = max(1, min(int(sweep.resources.cpu), cpus)) if sweep.resources.cpu >= 1 else 1
-    slots = max(1, int(cpus // max(sweep.resources.cpu, 1e-9))) if sweep.resources.cpu else cpus
+    slots, per_trial = slots_here(sweep.resources, cpus, torch.cuda.device_count())
+    stages = [j for j in pretrain_jobs(sweep).values() if cache_dir is None or cache.problem(cache_dir, j.key) is not None]
+    cells = finetune_cells(sweep)
+    largest: dict[str, Job] = {}  # per arm, its largest budget's cell: the one probed (validation grows with the budget)
+    for c in cells:
+        arm = c.tags["arm"]
+        if arm not in largest or (isinstance(c.train.get("labels"), float) == isinstance(largest[arm].train.get("labels"), float)
+                                  and _budget(c) > _budget(largest[arm])):
+            largest[arm] = c
     threads = torch.get_num_threads()
     torch.set_num_threads(per_trial)
+    costs: dict[str, dict] = {}
     try:
         ds = D.load_dataset(sweep.data.dataset, sweep.data.data_dir)
-        stages = list(pretrain_jobs(sweep).values())
-        cells = finetune_cells(sweep)
-        costs: dict[str, dict] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for job in stages + cells:
-                kind = job.stage if job.stage != "finetune" else f"arm {job.tags['arm']}"
+            for kind, job in [*((j.stage, j) for j in stages), *((f"arm {a}", c) for a, c in largest.items())]:
                 if kind in costs:
                     continue
                 values = {**job.train, "out_dir": str(Path(tmp) / "probe"), "threads": per_trial}
@@ -106,14 +142,21 @@ def estimate(sweep: Sweep, cpus: int | None = None) -> dict:
                 costs[kind] = _probe(TrainConfig(**values), ds)
     finally:
         torch.set_num_threads(threads)
-    trials = []
-    for job in stages:
-        trials.append((_seconds(job, costs[job.stage]), job.source, job.key))
+    trials = [(_seconds(job, costs[job.stage]), job.source, job.key) for job in stages]
+    realistic = sweep.validation.protocol == "realistic"
     for cell in cells:
-        secs = _seconds(cell, costs[f"arm {cell.tags['arm']}"])
-        trials += [(secs, cell.source, cell.key)] * cell.samples
-    trials.sort(key=lambda t: t[1] is not None)  # what waits for nothing goes first, as the runner schedules it
+        probed = largest[cell.tags["arm"]]
+        same_kind = isinstance(cell.train.get("labels"), float) == isinstance(probed.train.get("labels"), float)
+        scale = _budget(cell) / _budget(probed) if realistic and same_kind else 1.0
+        source = cell.source if any(j.key == cell.source for j in stages) else None  # a cached stage: ready now
+        trials += [(_seconds(cell, costs[f"arm {cell.tags['arm']}"], scale), source, cell.key)] * cell.samples
     wall = RAY_START_S + _layout(trials, slots)
-    return {"wall_s": wall, "slots": slots, "threads_per_trial": per_trial,
+    return {"wall_s": wall, "slots": slots, "threads_per_trial": per_trial, "cached_stages": len(pretrain_jobs(sweep)) - len(stages),
             "costs": {k: {n: round(v, 4) for n, v in c.items()} for k, c in costs.items()},
             "trial_s": round(sum(t[0] for t in trials), 1)}
+
+
+def _budget(cell: Job) -> float:
+    """A cell's label budget as a number comparable within its sweep (counts with counts, fractions with fractions)."""
+    b = cell.train.get("labels")
+    return float(b) if b is not None else 1.0

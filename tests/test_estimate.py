@@ -6,7 +6,8 @@ import yaml
 from typer.testing import CliRunner
 
 from dlcore.cli import app
-from dlcore.estimate import TRIAL_START_S, _layout
+from dlcore.estimate import TRIAL_START_S, _layout, slots_here
+from dlcore.spec import Resources
 from test_spec import MINIMAL
 
 runner = CliRunner()
@@ -19,6 +20,20 @@ def test_layout_runs_independent_trials_beside_a_stage_and_dependents_after_it()
     assert _layout(trials, 2) == 10 + s + 3 + s
     assert _layout(trials, 1) == 10 + 4 + 4 + 3 + 4 * s
     assert _layout([(5.0, None, "x")] * 4, 4) == 5 + s
+    # a slot that frees up while a long stage still runs takes a short stage's dependent, not the long one's
+    trials = [(100.0, None, "A"), (10.0, None, "B"), (3.0, "A", "fa"), (3.0, "B", "fb")]
+    assert _layout(trials, 2) == 100 + s + 3 + s
+    # a trial whose source is not among the trials (a cached stage) is ready at once
+    assert _layout([(4.0, "cached", "ft")], 1) == 4 + s
+
+
+def test_slots_and_threads_follow_what_ray_would_pack_here():
+    assert slots_here(Resources(cpu=1), cpus=2, gpus=0) == (2, 1)
+    assert slots_here(Resources(cpu=2), cpus=2, gpus=0) == (1, 2)
+    assert slots_here(Resources(cpu=0.5), cpus=2, gpus=0) == (2, 1)  # 4 packed, but 1 thread each on 2 cores
+    assert slots_here(Resources(cpu=4, gpu=1), cpus=16, gpus=1) == (1, 4)  # the one GPU is the limit
+    assert slots_here(Resources(cpu=2, gpu=0.25), cpus=16, gpus=1) == (4, 2)
+    assert slots_here(Resources(cpu=1, gpu=0.25), cpus=2, gpus=0) == (2, 1)  # no GPU here: the runner drops it
 
 
 def test_dry_run_estimates_from_measured_steps_and_scales_with_them(tmp_path, data_dir, monkeypatch):
@@ -35,6 +50,19 @@ def test_dry_run_estimates_from_measured_steps_and_scales_with_them(tmp_path, da
     assert set(short["costs"]) == {"ae", "arm scratch", "arm pretrained"}
     assert all(c["step_s"] > 0 and c["test_s"] > 0 for c in short["costs"].values())
     assert long["trial_s"] > short["trial_s"] and long["wall_s"] > short["wall_s"] > 0
+
+    # with the pretraining stage already cached under --store, the runner reuses it: it costs nothing
+    from dlcore.spec import load_sweep, pretrain_jobs
+
+    store = tmp_path / "store"
+    jobs = pretrain_jobs(load_sweep(path)).values()
+    for job in jobs:
+        (store / "pretrain_cache" / job.key).mkdir(parents=True)
+    from dlcore import cache
+    monkeypatch.setattr(cache, "problem", lambda folder, key: None if (folder / key).is_dir() else "missing")
+    cached = json.loads(runner.invoke(app, ["run", str(path), "--dry-run", "--json", "--estimate", "--store", str(store)]).output)
+    assert cached["estimate"]["cached_stages"] == len(jobs) == 2 and "ae" not in cached["estimate"]["costs"]
+    assert cached["estimate"]["trial_s"] < short["trial_s"]
 
     table = runner.invoke(app, ["run", str(path), "--dry-run"])
     assert "estimated wall time on this machine: ~" in table.output and "arm scratch" in table.output
