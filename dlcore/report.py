@@ -333,15 +333,16 @@ def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float
     lines = ["## Compute: pretraining paid once, fine-tune steps saved", "",
              "Images processed = optimizer steps x batch size, a hardware-free measure of compute (a pretraining "
              "step and a fine-tune step of the same encoder cost about the same per image).", "",
-             "| stage | steps | batch | images processed | trained on (unlabelled) | wall time |", "|" + " --- |" * 6]
+             "| stage | objective | steps | batch | images processed | images it trained on | wall time |", "|" + " --- |" * 7]
     cost = {}
     for name, run in sorted(stages.items()):
         p, m = run.data.params, run.data.metrics
-        steps, batch = int(float(p.get("steps", 0))), int(float(p.get("batch_size", 0)))
+        steps, batch = int(float(p.get("steps", 0))), _batch(p)
         cost[name] = steps * batch
         wall = f"{m['wall_s'] / 60:.1f} min" if "wall_s" in m else "-"
-        lines.append(f"| {name} | {steps:,} | {batch} | {steps * batch:,} | {int(m.get('train_size', 0)):,} images | {wall} |")
-    if target is None:
+        kind = run.data.tags.get(TAG + "objective", "?")
+        lines.append(f"| {name} | {kind} | {steps:,} | {batch} | {steps * batch:,} | {int(m.get('train_size', 0)):,} | {wall} |")
+    if target is None or not any(t.curve for c in cells for t in c.trials):
         return lines + [""]
     longest = {}
     for c in cells:
@@ -360,23 +361,32 @@ def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float
             found = steps_estimate(c, target)
             if found is None:
                 continue
-            est, batch = found[0], int(float(c.trials[0].params.get("batch_size", 0) or 0))
+            est, batch = found[0], _batch(c.trials[0].params)
             steps = stats.fmt_estimate(est, stats.fmt_steps, stats.fmt)
-            images = stats.fmt(est.point.scaled(batch)) if batch else "-"
+            images = stats.fmt(est.point.scaled(batch))
             saved, back = "", ""
             source = c.trials[0].source
-            if arm != BASELINE and base_est and batch:
-                a, b = est.point, base_est[0].point
-                if a.kind == "exact" and b.kind == "exact":
-                    diff = (b.value - a.value) * batch
-                    saved = f"{diff:,.0f}"
-                    back = (f"{cost[source] / diff:,.1f} runs" if diff > 0 and source in cost else "never" if diff <= 0 else "")
-                elif b.kind == "above" and a.kind != "above":
-                    saved, back = f"> {(b.value - a.value) * batch:,.0f}", ""
+            if arm != BASELINE and base_est:
+                a, b = est.point.scaled(batch), base_est[0].point.scaled(_batch(base.trials[0].params))
+                if a.kind == "above" and b.kind == "above":
+                    saved = "neither reached it"
                 elif a.kind == "above":
-                    saved, back = "none (never reached)", "never"
+                    saved, back = "none: only scratch reached it", "never"
+                elif b.kind == "above":
+                    saved = f"> {b.value - a.value:,.0f}"  # scratch never got there within its budget
+                else:  # an arm already there at step 0 ('below') counts as there
+                    diff = b.value - a.value
+                    saved = f"{diff:,.0f}"
+                    back = f"{cost[source] / diff:,.1f} runs" if diff > 0 and source in cost else "never" if diff <= 0 else ""
             lines.append(f"| {c.labels:,} | {arm} | {steps} | {images} | {saved or '-'} | {back or '-'} |")
     return lines + [""]
+
+
+def _batch(params: dict) -> int:
+    """The batch size a run trained with: its param, else TrainConfig's default (unset values are not logged)."""
+    from .train import TrainConfig
+
+    return int(float(params.get("batch_size") or TrainConfig.batch_size))
 
 
 def grid_markdown(base: str, points: list[dict], downstream: dict) -> list[str]:

@@ -463,14 +463,16 @@ def test_compute_view_sets_pretraining_images_against_fine_tune_images_saved():
 
     def cell(arm, cross):  # validation accuracy reaches 0.8 exactly at step ``cross`` for every seed
         trials = [R.Trial(f"{arm}{s}", arm, "100", 100, 200, s, "completed", 0.9, 0.9, params={"batch_size": "32"},
-                          curve=[(0, 0.1), (cross, 0.8), (200, 0.9)], source="" if arm == "scratch" else "ae")
+                          curve=[(0, 0.1), (cross, 0.8), (200, 0.9)] if cross else [(0, 0.1), (200, 0.5)],
+                          source="" if arm == "scratch" else "ae")
                   for s in range(3)]
         return R.Cell(arm, 100, 200, trials)
 
     stage = SimpleNamespace(data=SimpleNamespace(params={"steps": "100", "batch_size": "64"},
-                                                 metrics={"train_size": 5000, "wall_s": 90}))
+                                                 metrics={"train_size": 5000, "wall_s": 90},
+                                                 tags={"dlsweep.objective": "autoencoder"}))
     md = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 50), cell("scratch", 100)], 0.8))
-    assert "| ae | 100 | 64 | 6,400 | 5,000 images | 1.5 min |" in md
+    assert "| ae | autoencoder | 100 | 64 | 6,400 | 5,000 | 1.5 min |" in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| 100 |")]
     assert rows[0].startswith("| 100 | scratch | 100 ") and "| 3,200 |" in rows[0]  # the baseline first
     # pretrained saves (100 - 50) steps x 32 = 1,600 images per run; 6,400 / 1,600 = 4 runs to pay back
@@ -478,3 +480,5 @@ def test_compute_view_sets_pretraining_images_against_fine_tune_images_saved():
     never = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 150), cell("scratch", 100)], 0.8))
     assert "| -1,600 | never |" in never
     assert R.compute_markdown({"ae": stage}, [cell("scratch", 100)], None)[-2].startswith("| ae |")  # no target: cost only
+    late = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 50), cell("scratch", None)], 0.8))
+    assert "| > 4,800 | - |" in late  # scratch never got there within its 200 steps: over (200 - 50) x 32 saved
