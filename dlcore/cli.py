@@ -213,6 +213,8 @@ def report(
     target: Optional[float] = typer.Option(None, "--target", help="Accuracy to count steps to (default: the sweep's 'target')."),
     parent: Optional[str] = typer.Option(None, "--run", help="Parent run id of the sweep invocation (default: the latest)."),
     curves: List[str] = typer.Option([], "--curves", help="Cell to draw loss curves for, e.g. scratch/labels=100 (repeatable)."),
+    drawn: List[str] = typer.Option([], "--embeddings", help="Stage whose embeddings the figure draws (repeatable; default: "
+                                    "every stage; the table lists every stage)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Report the runs of the file's named profile (<name>-<profile>)."),
     smoke: bool = typer.Option(False, "--smoke", metavar="", help="Report the file's --smoke runs (<name>-smoke)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
@@ -247,7 +249,8 @@ def report(
         fail(f"no MLflow store at {store / 'mlflow.db'}; run the sweep first or pass --tracking-uri")
     client = MlflowClient(tracking_uri or default_uri(store))
     try:
-        result = R.build(client, name, out or Path("reports") / name, parent=parent, target=target, curves=curves or None)
+        result = R.build(client, name, out or Path("reports") / name, parent=parent, target=target, curves=curves or None,
+                         drawn=drawn or None)
     except ValueError as e:
         fail(str(e))
     _print_report(result, name)

@@ -482,7 +482,7 @@ def curve_trials(chosen: list[Trial], cells: list[str] | None) -> list[Trial]:
 
 
 def build(client: MlflowClient, experiment: str, out: Path, parent: str | None = None, target: float | None = None,
-          curves: list[str] | None = None) -> dict:
+          curves: list[str] | None = None, drawn: list[str] | None = None) -> dict:
     """Write figures, tables and report.md for one sweep invocation (default: the latest) and log them
     to its parent run; returns what was found.
 
@@ -500,7 +500,7 @@ def build(client: MlflowClient, experiment: str, out: Path, parent: str | None =
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
         staging.chmod(0o755)
-        result = _write(client, experiment, exp.experiment_id, parent_run, staging, target, curves)
+        result = _write(client, experiment, exp.experiment_id, parent_run, staging, target, curves, drawn)
         _swap(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -525,7 +525,7 @@ def _swap(new: Path, out: Path) -> None:
 
 
 def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run, out: Path, target: float | None,
-           curves: list[str] | None) -> dict:
+           curves: list[str] | None, drawn: list[str] | None = None) -> dict:
     parent = parent_run.info.run_id
     spec = sweep_of(client, parent)
     expected, metric, mode, searched, val_default = {}, "val_acc", "max", SEARCH_KEYS, None
@@ -592,8 +592,13 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             continue
         grids[stage] = samples
         losses[stage] = run.data.metrics.get("test_loss")
+    unknown = sorted(set(drawn or ()) - set(embeddings))
+    if unknown:
+        raise ValueError(f"--embeddings: no stage with embeddings named {', '.join(unknown)}; "
+                         f"stages with embeddings: {', '.join(sorted(embeddings)) or 'none'}")
     if embeddings:
-        plots.save(plots.embeddings(embeddings), out / "embeddings.png", svg=False)
+        shown = {k: v for k, v in embeddings.items() if not drawn or k in drawn}
+        plots.save(plots.embeddings(shown), out / "embeddings.png", svg=False)
         figures.append(("embeddings.png", "How each stage's encoder lays out the test set: its top two principal axes "
                         "(2,000 images, coloured by class) and the distances between class centroids, both in units of "
                         "the embedding's overall spread, so encoders of different scales compare."))

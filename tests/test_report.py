@@ -450,6 +450,19 @@ def test_stage_embeddings_become_a_figure_a_table_and_a_csv(tmp_path):
     rows = (tmp_path / "out" / "centroid_distances.csv").read_text().splitlines()
     assert rows[0] == "stage,class," + ",".join(map(str, range(10))) and len(rows) == 11
 
+    # a second stage: --embeddings picks the stages the figure draws (a row each); the table keeps both
+    run = add_run(client, exp, parent, {"stage": "clf", "seed": 0, "outcome": "completed"}, [("test_loss", 0.2, 10)])
+    client.log_artifacts(run, str(tmp_path / "checkpoint"), "checkpoint")
+    from PIL import Image
+
+    R.build(client, "known", tmp_path / "both")
+    R.build(client, "known", tmp_path / "one", drawn=["clf"])
+    tall = lambda folder: Image.open(folder / "embeddings.png").size[1]  # noqa: E731
+    assert tall(tmp_path / "both") > 1.8 * tall(tmp_path / "one")
+    assert "| clf |" in (tmp_path / "one" / "report.md").read_text() and "| ae |" in (tmp_path / "one" / "report.md").read_text()
+    with pytest.raises(ValueError, match="--embeddings: no stage with embeddings named nope"):
+        R.build(client, "known", tmp_path / "bad", drawn=["nope"])
+
 
 def test_a_sweep_run_before_the_sampler_was_recorded_is_described_as_it_ran():
     spec = Sweep.model_validate(SPEC)
