@@ -292,6 +292,21 @@ def test_a_foreign_ray_cluster_is_never_joined(tmp_path, data_dir):
 
 
 
+def join(path: Path, store: Path, address: str, data_dir: str, stderr) -> subprocess.Popen:
+    """`dlsweep run` of ``path`` joined to the cluster at ``address``, in a session of its own."""
+    return subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--address",
+                             address], cwd=ROOT, env={**os.environ, "DLSWEEP_DATA_DIR": data_dir},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def wait_for_a_report(proc: subprocess.Popen, store: Path, timeout: float = 120) -> None:
+    """Until a trial of the sweep under ``store`` has reported (written a checkpoint), the sweep still running."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list((store / "ray").glob("*/*/study-*/*/checkpoint_*")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+
+
 def test_the_ray_cluster_joined_going_away_is_one_line_and_saved(tmp_path, data_dir):
     """A cluster joined with --address shut down mid-sweep: Ray's core worker ends the driver from C++
     (exit 1, no Python), and the `dlsweep run` process that outlives it says so and saves the state."""
@@ -302,14 +317,9 @@ def test_the_ray_cluster_joined_going_away_is_one_line_and_saved(tmp_path, data_
     del raw["pretrain"]
     path, store = write(tmp_path, raw), tmp_path / "store"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--address",
-                             cluster.address], cwd=ROOT, env={**os.environ, "DLSWEEP_DATA_DIR": data_dir},
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = join(path, store, cluster.address, data_dir, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list((store / "ray").glob("*/*/study-*/*/checkpoint_*")):
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.5)  # until a trial has reported
+        wait_for_a_report(proc, store)
         assert state_of(store)["status"] == "running"
         cluster.shutdown()
         out, err = proc.communicate(timeout=120)
@@ -341,14 +351,9 @@ def test_a_worker_node_lost_mid_trial_restarts_the_trial_elsewhere_with_max_fail
     path, store = write(tmp_path, raw), tmp_path / "store"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
     worker = cluster.add_node(num_cpus=1)
-    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--address",
-                             cluster.address], cwd=ROOT, env={**os.environ, "DLSWEEP_DATA_DIR": data_dir},
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = join(path, store, cluster.address, data_dir, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list((store / "ray").glob("*/*/study-*/*/checkpoint_*")):
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.5)  # until the trial has reported from the worker
+        wait_for_a_report(proc, store)  # from the worker
         cluster.remove_node(worker, allow_graceful=False)
         cluster.add_node(num_cpus=1)
         out, _ = proc.communicate(timeout=300)
