@@ -46,7 +46,7 @@ from . import cache, search, tracking  # noqa: E402
 from . import data as D  # noqa: E402
 from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
 from .store import Paths, write_state  # noqa: E402
-from .supervisor import reachable  # noqa: E402
+from .supervisor import gone, reachable  # noqa: E402
 from .train import DIVERGED_ABOVE, TrainConfig, train  # noqa: E402
 
 
@@ -539,17 +539,14 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     except BaseException as e:
         watch.stopped.set()
         lost = isinstance(e, Exception) and not watch.alive()
-        if lost and supervised:
-            watch.lost()  # Ray's core worker is about to end this process anyway; the supervisor speaks
-        state["status"] = "interrupted"
-        write_state(state_path, state)
-        tracking.finish_sweep(uri, state, console, cluster_lost=lost)
-        if lost:
-            raise RunError(f"the Ray cluster at {watch.where} went away mid-sweep; state saved; once Ray is back, "
-                           f"continue with: dlsweep run {source} --resume", code=1) from None
+        _interrupted(state, state_path, uri, console, watch, supervised, source, lost)
         raise
     finally:
         watch.stopped.set()
+    # Tune may end normally, its trials failed by a joined cluster's death, a moment before that cluster's
+    # GCS stops answering (raylets stop first): a failed sweep on a joined cluster gives it 3 s to go.
+    if not watch.alive() or (not own_ray and study.summary()["failed"] and gone(watch.where, within_s=3.0)):
+        _interrupted(state, state_path, uri, console, watch, supervised, source, lost=True)
     summary = {**study.summary(), "headline": study.headline(), "wall_s": time.perf_counter() - started}
     if own_ray:
         ray.shutdown()  # nothing of this sweep's Ray outlives it, in the CLI or in a caller's process
@@ -559,6 +556,20 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     write_state(state_path, state)
     tracking.finish_sweep(uri, state, console, summary)
     return state
+
+
+def _interrupted(state: dict, state_path: Path, uri: str, console: Console, watch: RayWatch, supervised: bool, source: str,
+                 lost: bool) -> None:
+    """Save the sweep as interrupted and end its open runs; when its Ray cluster went away (``lost``),
+    its trials lost with it are interrupted too, and this raises the one-line RunError that says so."""
+    if lost and supervised:
+        watch.lost()  # Ray's core worker is about to end this process anyway; the supervisor speaks
+    state["status"] = "interrupted"
+    write_state(state_path, state)
+    tracking.finish_sweep(uri, state, console, cluster_lost=lost)
+    if lost:
+        raise RunError(f"the Ray cluster at {watch.where} went away mid-sweep; state saved; once Ray is back, "
+                       f"continue with: dlsweep run {source} --resume", code=1) from None
 
 
 @contextmanager
