@@ -126,7 +126,7 @@ def run_notebook(data_dir: str, pretrain_steps: int, steps: int) -> tuple[float,
                 model = models.Classifier(encoder, models.mlp_head(encoder.out_dim, 10, 128))
                 opt = torch.optim.Adam(model.parameters(), 1e-3)
                 loader = forever(DataLoader(Subset(train_set, subset), batch_size=64, shuffle=True, num_workers=2,
-                                            drop_last=len(subset) >= 64))
+                                            drop_last=len(subset) >= 64, persistent_workers=True))
                 model.train()
                 for _ in range(steps):
                     x, y = next(loader)

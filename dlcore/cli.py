@@ -71,6 +71,8 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking server (default: sqlite under --store)."),
     store: Path = ROOT_OPTION,
+    storage: Optional[str] = typer.Option(None, "--storage", help="Object store (s3://bucket/prefix, gs://...) for Tune's "
+                                          "state, checkpoints and the pretrain cache, on a cluster without a shared disk."),
 ):
     """Run a sweep: pretraining stages once each, then the fine-tune grid on Ray Tune, logged to MLflow."""
     try:
@@ -91,7 +93,7 @@ def run(
 
             try:
                 with console.status("timing a few steps of each stage and arm on this machine", spinner="dots"):
-                    p["estimate"] = measure(sweep, cache_dir=Paths(store).cache)
+                    p["estimate"] = measure(sweep, cache_dir=Paths(store, storage).cache)
             except EstimateError as e:
                 p["estimate"] = {"error": str(e)}
         if as_json:
@@ -100,27 +102,28 @@ def run(
             _print_plan(p)
         return
     if address or os.environ.get("RAY_ADDRESS"):  # a cluster that can go away under its driver: outlive it
-        raise typer.Exit(_drive_apart(sweep, sweep_file, store, tracking_uri, address, resume))
-    _drive(sweep, sweep_file, store, tracking_uri, address, resume)
+        raise typer.Exit(_drive_apart(sweep, sweep_file, store, tracking_uri, address, resume, storage))
+    _drive(sweep, sweep_file, store, tracking_uri, address, resume, storage=storage)
 
 
 @app.command(hidden=True)
-def drive(job: str = typer.Argument(..., help="The run as JSON: spec, source, store, tracking_uri, address, resume.")):
+def drive(job: str = typer.Argument(..., help="The run as JSON: spec, source, store, tracking_uri, address, resume, storage.")):
     """The driver of a `dlsweep run` that joins a Ray cluster, started by that run as its child."""
     j = json.loads(job)
     from .spec import Sweep
 
     _drive(Sweep.model_validate(j["spec"]), Path(j["source"]), Path(j["store"]), j["tracking_uri"], j["address"],
-           j["resume"], supervised=True)
+           j["resume"], supervised=True, storage=j.get("storage"))
 
 
-def _again(sweep_file: Path, store: Path, profile: str | None = None) -> str:
+def _again(sweep_file: Path, store: Path, profile: str | None = None, storage: str | None = None) -> str:
     where = "" if store == Path("mlflow_runs") else f" --store {store}"
+    where += f" --storage {storage}" if storage else ""
     return f"dlsweep run {sweep_file} --resume{f' --profile {profile}' if profile else ''}{where}"
 
 
 def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None, resume: bool,
-           supervised: bool = False) -> None:
+           supervised: bool = False, storage: str | None = None) -> None:
     """Run the sweep in this process and say how it ended; a sweep not done ends in typer.Exit."""
     from .data import DataError
     from .runner import RunError, run_sweep  # Ray is imported only when something runs
@@ -128,10 +131,10 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
 
     try:
         state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
-                          console=console, supervised=supervised)
+                          console=console, supervised=supervised, storage=storage)
     except (SpecError, DataError, RunError) as e:
         fail(str(e), getattr(e, "code", 2))
-    again = _again(sweep_file, store, sweep.profile)
+    again = _again(sweep_file, store, sweep.profile, state.get("storage"))
     s = state["summary"]
     counts = ", ".join(f"{s[k]} {k.replace('_', ' ')}" for k in ("completed", "stopped_early", "diverged", "failed", "blocked") if s[k])
     if state["status"] == "interrupted":
@@ -149,14 +152,14 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
 
 
 def _drive_apart(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None,
-                 resume: bool) -> int:
+                 resume: bool, storage: str | None = None) -> int:
     """Run the sweep's driver as a child process (``dlsweep drive``) and outlive it, for a Ray cluster
     that goes away ends its driver from C++ before Python can say a word (supervisor.py). The child
     prints as ``_drive`` does; returns the exit code."""
     job = {"spec": sweep.model_dump(mode="json", by_alias=True), "source": str(sweep_file), "store": str(store),
-           "tracking_uri": tracking_uri, "address": address, "resume": resume}
+           "tracking_uri": tracking_uri, "address": address, "resume": resume, "storage": storage}
     proc, _ = supervise([sys.executable, "-m", "dlcore.cli", "drive", json.dumps(job)])
-    return reap(proc, Paths(store.resolve()).state(sweep.name), _again(sweep_file, store, sweep.profile), err)
+    return reap(proc, Paths(store.resolve()).state(sweep.name), _again(sweep_file, store, sweep.profile, storage), err)
 
 
 def _duration(seconds: float) -> str:

@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import cache, search, tracking  # noqa: E402
 from . import data as D  # noqa: E402
 from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
-from .store import Paths, write_state  # noqa: E402
+from .store import Paths, read_state, store_problem, write_state  # noqa: E402
 from .supervisor import gone, reachable  # noqa: E402
 from .train import DIVERGED_ABOVE, TrainConfig, train  # noqa: E402
 
@@ -65,7 +65,10 @@ def run_trial(config: dict, data: dict) -> None:
     job = config["job"]
     out = tempfile.mkdtemp(prefix="dlsweep-")
     try:
-        cfg = TrainConfig(**job["train"], out_dir=out)
+        train_args = dict(job["train"])
+        if job.get("source") and "cache" in job:  # the stage's entry, copied to this node first from an object store
+            train_args["init_encoder"] = str(cache.fetch(job["cache"], job["source"]) / "encoder.pt")
+        cfg = TrainConfig(**train_args, out_dir=out)
 
         upstream = cache.labels_total(Path(cfg.init_encoder).parent) if job.get("source") else 0
 
@@ -76,10 +79,10 @@ def run_trial(config: dict, data: dict) -> None:
 
         final = train(cfg, report, D.Dataset.from_numpy(data))
         final["labels_total"] = final.get("labels_total", 0) + upstream
-        if job.get("cache") and "diverged_step" not in final:
+        if job["tags"]["stage"] != "finetune" and "diverged_step" not in final:
             # A pretraining stage caches itself before it ends, so that the stages and cells that
             # start from it find it the moment the driver hears it finished.
-            cache.write(Path(job["cache"]), job["key"], Path(out) / "checkpoint", job, final)
+            cache.write(job["cache"], job["key"], Path(out) / "checkpoint", job, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -146,7 +149,7 @@ class StudySearch(Searcher):
         source = self._job(item).get("source")
         if source is None or source in self.ready:
             return True
-        if cache.problem(Path(self.cache_dir), source) is None:  # also a stage rerun after it failed
+        if cache.problem(self.cache_dir, source) is None:  # also a stage rerun after it failed
             self.ready.add(source)
             self.failed.discard(source)
             return True
@@ -187,7 +190,7 @@ class StudySearch(Searcher):
         kind, i = item
         if kind == "stage":
             key = self.stages[i]["key"]
-            if not error and cache.problem(Path(self.cache_dir), key) is None:
+            if not error and cache.problem(self.cache_dir, key) is None:
                 self.ready.add(key)
                 self.failed.discard(key)
             else:
@@ -337,9 +340,23 @@ class ProgressCallback(tune.Callback):
 # ---- the sweep --------------------------------------------------------------------------------
 
 
-def _storage(paths: Paths, state: dict) -> Path:
-    """Ray Tune's experiment folders for one sweep invocation."""
-    return paths.ray / state["name"] / state["stamp"]
+# How often the driver copies Tune's experiment state to an object store (Tune's default: 5 min): a
+# driver killed between two copies resumes from the older one, running again what finished since.
+SYNC_PERIOD_S = float(os.environ.get("DLSWEEP_SYNC_PERIOD_S", "30"))
+
+
+def _storage(paths: Paths, state: dict) -> str:
+    """Ray Tune's experiment folders for one sweep invocation (a local path or an object-store URI)."""
+    return cache.join(paths.ray, state["name"], state["stamp"])
+
+
+def _tune_storage(where: str) -> dict:
+    """Tune's storage arguments for a local path or an object-store URI (its filesystem built here,
+    so that an S3-compatible endpoint from the environment reaches every node with it)."""
+    if not cache.is_uri(where):
+        return {"path": where}
+    fs, path = cache.filesystem(where)
+    return {"path": path, "storage_filesystem": fs}
 
 
 def _trainable(data: dict, resources: dict):
@@ -348,12 +365,10 @@ def _trainable(data: dict, resources: dict):
 
 def _job_config(job: Job, paths: Paths, threads: int) -> dict:
     train = dict(job.train, threads=threads)
-    if job.source:
-        train["init_encoder"] = str(paths.cache / job.source / "encoder.pt")
-    config = {"train": train, "tags": job.tags, "key": job.key, "source": job.source, "lead": job.lead}
-    if job.stage != "finetune":
-        config["cache"] = str(paths.cache)
-    return config
+    if job.source:  # what MLflow shows; the trial reads its node's verified copy (cache.fetch)
+        train["init_encoder"] = cache.join(paths.cache, job.source, "encoder.pt")
+    return {"train": train, "tags": job.tags, "key": job.key, "source": job.source, "lead": job.lead,
+            "cache": str(paths.cache)}
 
 
 def fit_resources(resources: dict, console: Console, trials: int | None = None) -> dict:
@@ -454,20 +469,34 @@ def _start_ray(address: str | None, console: Console) -> None:
 
 
 def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, console: Console | None = None, supervised: bool = False) -> dict:
+              resume: bool = False, console: Console | None = None, supervised: bool = False,
+              storage: str | None = None) -> dict:
     """Run (or resume) a sweep; returns its state dict, whose ``status`` is finished, failed (some
     trials failed or were blocked) or interrupted. Raises SpecError/DataError/RunError.
 
     ``supervised``: a process outlives this one to report a lost Ray cluster (supervisor.py); this
     one then only ends, leaving the state ``running`` with its pid for that process to find. The
-    two never race to speak or to write the state."""
+    two never race to speak or to write the state.
+
+    ``storage``: an object-store URI (``s3://bucket/prefix``) for Tune's state, the checkpoints and
+    the pretrain cache, for clusters whose nodes share no disk; a resumed sweep keeps its own."""
     console = console or Console()
-    paths = Paths(Path(root).resolve())
+    storage = storage.rstrip("/") if storage else None
+    if storage:
+        trouble = store_problem(storage)
+        if trouble:
+            raise RunError(trouble)
+    paths = Paths(Path(root).resolve(), storage)
     state_path = paths.state(sweep.name)
     if resume:
-        if not state_path.exists():
-            raise RunError(f"{source}: nothing to resume: {sweep.name} has never run under {paths.root}")
-        state = json.loads(state_path.read_text())
+        state = read_state(state_path, storage, sweep.name)
+        if state is None:
+            raise RunError(f"{source}: nothing to resume: {sweep.name} has never run under "
+                           f"{paths.root}{f' or {storage}' if storage else ''}")
+        if storage and state.get("storage") != storage:
+            raise RunError(f"{source}: the last run of {sweep.name} kept its state in {state.get('storage') or paths.root}, "
+                           f"not {storage}: resume with that")
+        paths = Paths(paths.root, state.get("storage"))
         if state["status"] == "finished":
             raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
         try:
@@ -508,7 +537,8 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
                                        {"sweep": sweep.name, "source": source, "stamp": stamp, "sampler": "sobol-tpe"},
                                        params)
         state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
-                 "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": []}
+                 "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": [],
+                 "storage": storage}
     state["status"] = "running"
     state["driver"] = {"pid": os.getpid()}  # whose the running state is: the supervisor checks for its child's
     write_state(state_path, state)
@@ -616,7 +646,7 @@ class Study:
         self.ctrl_c = False  # a Ctrl-C stopped a tuner (Tune returns normally then)
 
     @property
-    def storage(self) -> Path:
+    def storage(self) -> str:
         return _storage(self.paths, self.state)
 
     def _tuner(self, name: str, stages: list[Job], cells: list[tuple[Job, int]], ready: set[str]) -> tune.Tuner:
@@ -634,9 +664,10 @@ class Study:
             self.trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=len(stages) + sum(n for _, n in cells), reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(self.storage), callbacks=[mlflow_cb, ProgressCallback()],
+            run_config=tune.RunConfig(name=name, **self._run_storage(), callbacks=[mlflow_cb, ProgressCallback()],
                                       stop=tracking.TrackingStopper(mlflow_cb), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                      sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
 
@@ -655,12 +686,17 @@ class Study:
                                f"{outbox.patience_s:.0f} s ({outbox.last_error}); {len(outbox.pending)} record(s) kept "
                                f"for --resume[/]", highlight=False, soft_wrap=True)
 
+    def _run_storage(self) -> dict:
+        where = _tune_storage(self.storage)
+        return {"storage_path": where.pop("path"), **where}
+
     def _restore(self, name: str) -> tune.Tuner:
-        return tune.Tuner.restore(str(self.storage / name), self.trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(**_tune_storage(cache.join(self.storage, name)), trainable=self.trainable,
+                                  resume_unfinished=True, resume_errored=True)
 
     def run(self, resume: bool) -> None:
         tuners = self.state["tuners"]
-        if resume and tuners and tune.Tuner.can_restore(str(self.storage / tuners[-1])):
+        if resume and tuners and tune.Tuner.can_restore(**_tune_storage(cache.join(self.storage, tuners[-1]))):
             for name in tuners[:-1]:
                 self.results[name] = list(self._restore(name).get_results())
             self.console.print(f"{tuners[-1]}: continuing; failed and unfinished trials run again", highlight=False)

@@ -10,20 +10,26 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlcore.cache import filesystem, join
+
 
 @dataclass
 class Paths:
-    """Everything a sweep writes, under one root (default ./mlflow_runs)."""
+    """Everything a sweep writes, under one root (default ./mlflow_runs). With ``storage`` (an
+    object-store URI such as ``s3://bucket/prefix``, for clusters without a shared disk), Tune's
+    experiment state, the trials' checkpoints and the pretrain cache live there instead, and the
+    state file is copied there too."""
 
     root: Path
+    storage: str | None = None
 
     @property
-    def cache(self) -> Path:
-        return self.root / "pretrain_cache"
+    def cache(self) -> str | Path:
+        return join(self.storage, "pretrain_cache") if self.storage else self.root / "pretrain_cache"
 
     @property
-    def ray(self) -> Path:
-        return self.root / "ray"
+    def ray(self) -> str | Path:
+        return join(self.storage, "ray") if self.storage else self.root / "ray"
 
     @property
     def artifacts(self) -> Path:
@@ -36,9 +42,53 @@ class Paths:
         return self.root / "sweeps" / name / "outbox.json"
 
 
+def mirror(storage: str, name: str) -> str:
+    """Where a sweep's state file is copied in its object store, for a driver on another machine."""
+    return join(storage, "sweeps", name, "state.json")
+
+
 def write_state(path: Path, state: dict) -> None:
-    """Replace the state file whole: a reader never sees half of it."""
+    """Replace the state file whole: a reader never sees half of it. A sweep whose Tune state lives
+    in an object store gets its state file copied there too (a new head node resumes from it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
+    text = json.dumps(state, indent=1)
+    tmp.write_text(text)
     tmp.replace(path)
+    if state.get("storage"):
+        target, where = filesystem(mirror(state["storage"], state["name"]))
+        with target.open_output_stream(where) as f:  # one PUT: whole or absent
+            f.write(text.encode())
+
+
+def read_state(path: Path, storage: str | None, name: str) -> dict | None:
+    """The sweep's state: the local file, else (a driver on a new machine) its copy in ``storage``."""
+    if path.exists():
+        return json.loads(path.read_text())
+    if not storage:
+        return None
+    source, where = filesystem(mirror(storage, name))
+    try:
+        with source.open_input_stream(where) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def store_problem(storage: str) -> str | None:
+    """Why ``storage`` (an object-store URI) cannot hold a sweep, in one line, or None: an unknown
+    scheme, missing credentials or an unreachable endpoint fail here, before anything is written."""
+    from pyarrow import fs
+
+    if "://" not in storage:
+        return f"--storage {storage}: not a URI (s3://bucket/prefix, gs://bucket/prefix); a local folder is --store"
+    try:
+        target, where = filesystem(storage)
+        bucket = where.split("/", 1)[0]
+        if target.get_file_info(bucket).type == fs.FileType.NotFound:
+            return f"--storage {storage}: bucket {bucket} does not exist"
+        target.create_dir(where)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"--storage {storage}: {first}"
+    return None

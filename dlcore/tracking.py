@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -233,6 +234,8 @@ class Outbox:
             self.client.log_artifact(run_id, error_file)
         status = {"failed": "FAILED", "interrupted": "KILLED"}.get(result, "FINISHED")
         self.client.set_terminated(run_id, status)
+        if checkpoint and Path(checkpoint).parent.name == DOWNLOADED:  # a copy from the object store: done with
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, checkpoint: str | None, title: str) -> None:
@@ -259,6 +262,9 @@ def run_name(tags: dict) -> str:
     if tags["stage"] != "finetune":
         return f"{tags['stage']} s{tags.get('seed')}"
     return f"{tags['arm']} {tags['labels']} s{tags['seed']}"
+
+
+DOWNLOADED = "checkpoints-from-storage"  # beside the outbox: checkpoints copied from --storage to be logged
 
 
 class MlflowCallback(tune.Callback):
@@ -288,9 +294,21 @@ class MlflowCallback(tune.Callback):
         self._end(trial, "failed", {TAG + "error": error_line(trial)}, trial.error_file)
 
     def _end(self, trial, result: str, tags: dict | None = None, error_file: str | None = None) -> None:
-        checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
+        checkpoint = self._local(trial)
         tags = {TAG + "outcome": result, **(tags or {})}
         self.outbox.put("end", trial.trial_id, result, tags, checkpoint, short_name(trial.config["job"]["tags"]), error_file)
+
+    def _local(self, trial) -> str | None:
+        """The trial's checkpoint as a folder here: in an object store (--storage) it is copied next to
+        the outbox first, and removed once its artifacts are logged."""
+        ckpt = trial.checkpoint
+        if ckpt is None:
+            return None
+        from pyarrow import fs
+
+        if isinstance(ckpt.filesystem, fs.LocalFileSystem):
+            return ckpt.path
+        return ckpt.to_directory(str(self.outbox.path.parent / DOWNLOADED / trial.trial_id))
 
     def on_experiment_end(self, trials, **info):
         self.outbox.flush(wait=True)
