@@ -195,9 +195,10 @@ def fetch(cache: str | Path, key: str) -> Path:
             with fs.open_input_stream(f"{root}/{name}") as src, open(tmp / name, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         why = _verify(tmp, manifest)
-        if why:
+        if why:  # damaged in the store: removed, so that a resume pretrains the stage again
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f"cache entry {key} under {cache}: {why}")
+            remove(cache, key)
+            raise OSError(f"cache entry {key} under {cache}: {why}; removed it")
         tmp.replace(folder)
         return folder
 

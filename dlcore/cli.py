@@ -83,6 +83,12 @@ def run(
         check_all(sweep, str(sweep_file))  # the same checks for --dry-run and a real run, before anything is written
     except SpecError as e:
         fail(str(e))
+    if storage:
+        from .store import store_problem
+
+        trouble = store_problem(storage, create=not dry_run)
+        if trouble:
+            fail(trouble)
     if dry_run:
         p = plan(sweep)
         if estimate or (estimate is None and not as_json):

@@ -340,11 +340,6 @@ class ProgressCallback(tune.Callback):
 # ---- the sweep --------------------------------------------------------------------------------
 
 
-# How often the driver copies Tune's experiment state to an object store (Tune's default: 5 min): a
-# driver killed between two copies resumes from the older one, running again what finished since.
-SYNC_PERIOD_S = float(os.environ.get("DLSWEEP_SYNC_PERIOD_S", "30"))
-
-
 def _storage(paths: Paths, state: dict) -> str:
     """Ray Tune's experiment folders for one sweep invocation (a local path or an object-store URI)."""
     return cache.join(paths.ray, state["name"], state["stamp"])
@@ -497,6 +492,11 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
             raise RunError(f"{source}: the last run of {sweep.name} kept its state in {state.get('storage') or paths.root}, "
                            f"not {storage}: resume with that")
         paths = Paths(paths.root, state.get("storage"))
+        db = state["tracking_uri"].removeprefix("sqlite:///")
+        if state["tracking_uri"].startswith("sqlite:///") and not Path(db).exists():
+            raise RunError(f"{source}: the sweep's MLflow store {db} is not on this machine (a new head node?); "
+                           "its runs cannot be continued here. Sweeps that must outlive their head log to a "
+                           "tracking server (--tracking-uri http://...)")
         if state["status"] == "finished":
             raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
         try:
@@ -667,7 +667,6 @@ class Study:
             run_config=tune.RunConfig(name=name, **self._run_storage(), callbacks=[mlflow_cb, ProgressCallback()],
                                       stop=tracking.TrackingStopper(mlflow_cb), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                      sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
 

@@ -7,6 +7,7 @@ can read and mend the state without becoming a Ray driver itself.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,39 +57,44 @@ def write_state(path: Path, state: dict) -> None:
     tmp.write_text(text)
     tmp.replace(path)
     if state.get("storage"):
-        target, where = filesystem(mirror(state["storage"], state["name"]))
-        with target.open_output_stream(where) as f:  # one PUT: whole or absent
-            f.write(text.encode())
+        try:
+            target, where = filesystem(mirror(state["storage"], state["name"]))
+            with target.open_output_stream(where) as f:  # one PUT: whole or absent
+                f.write(text.encode())
+        except Exception as e:  # noqa: BLE001 -- the local file is the record; the copy is for another head
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"warning: could not copy the sweep's state to {state['storage']} ({first}); it is in {path}",
+                  file=sys.stderr, flush=True)
 
 
 def read_state(path: Path, storage: str | None, name: str) -> dict | None:
-    """The sweep's state: the local file, else (a driver on a new machine) its copy in ``storage``."""
-    if path.exists():
-        return json.loads(path.read_text())
-    if not storage:
-        return None
-    source, where = filesystem(mirror(storage, name))
-    try:
-        with source.open_input_stream(where) as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
+    """The sweep's state: with ``storage``, its copy there (the latest, whichever head wrote it), else
+    the local file."""
+    if storage:
+        source, where = filesystem(mirror(storage, name))
+        try:
+            with source.open_input_stream(where) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            pass
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def store_problem(storage: str) -> str | None:
+def store_problem(storage: str, create: bool = True) -> str | None:
     """Why ``storage`` (an object-store URI) cannot hold a sweep, in one line, or None: an unknown
     scheme, missing credentials or an unreachable endpoint fail here, before anything is written."""
     from pyarrow import fs
 
-    if "://" not in storage:
-        return f"--storage {storage}: not a URI (s3://bucket/prefix, gs://bucket/prefix); a local folder is --store"
+    if "://" not in storage or storage.startswith("file://"):
+        return f"--storage {storage}: not an object-store URI (s3://bucket/prefix, gs://bucket/prefix); a local folder is --store"
     try:
         target, where = filesystem(storage)
         bucket = where.split("/", 1)[0]
         if target.get_file_info(bucket).type == fs.FileType.NotFound:
             return f"--storage {storage}: bucket {bucket} does not exist"
-        target.create_dir(where)
-    except (OSError, ValueError, TypeError) as e:
+        if create:
+            target.create_dir(where)
+    except Exception as e:  # noqa: BLE001 -- unknown scheme, credentials, endpoint: pyarrow raises many kinds
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"--storage {storage}: {first}"
     return None

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import urllib.error
@@ -228,7 +229,7 @@ class Outbox:
         run_id = self.runs[trial_id]
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
-        if result == "completed" or result == "stopped_early" or result == "diverged":
+        if result in LOGS_ARTIFACTS:
             _log_artifacts(self.client, run_id, checkpoint, title)
         if error_file and Path(error_file).exists():
             self.client.log_artifact(run_id, error_file)
@@ -264,6 +265,7 @@ def run_name(tags: dict) -> str:
     return f"{tags['arm']} {tags['labels']} s{tags['seed']}"
 
 
+LOGS_ARTIFACTS = ("completed", "stopped_early", "diverged")
 DOWNLOADED = "checkpoints-from-storage"  # beside the outbox: checkpoints copied from --storage to be logged
 
 
@@ -294,7 +296,7 @@ class MlflowCallback(tune.Callback):
         self._end(trial, "failed", {TAG + "error": error_line(trial)}, trial.error_file)
 
     def _end(self, trial, result: str, tags: dict | None = None, error_file: str | None = None) -> None:
-        checkpoint = self._local(trial)
+        checkpoint = self._local(trial) if result in LOGS_ARTIFACTS else None
         tags = {TAG + "outcome": result, **(tags or {})}
         self.outbox.put("end", trial.trial_id, result, tags, checkpoint, short_name(trial.config["job"]["tags"]), error_file)
 
@@ -308,7 +310,13 @@ class MlflowCallback(tune.Callback):
 
         if isinstance(ckpt.filesystem, fs.LocalFileSystem):
             return ckpt.path
-        return ckpt.to_directory(str(self.outbox.path.parent / DOWNLOADED / trial.trial_id))
+        try:
+            return ckpt.to_directory(str(self.outbox.path.parent / DOWNLOADED / trial.trial_id))
+        except Exception as e:  # noqa: BLE001 -- the run is still logged, without its checkpoint
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"warning: could not copy {trial.trial_id}'s checkpoint from the object store ({first}); its run is "
+                  "logged without it", file=sys.stderr, flush=True)
+            return None
 
     def on_experiment_end(self, trials, **info):
         self.outbox.flush(wait=True)

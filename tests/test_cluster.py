@@ -95,10 +95,20 @@ def test_an_object_store_cache_entry_is_written_manifest_last_verified_and_fetch
     assert cache.problem(root, "k1") == "missing"
 
 
-def test_a_storage_uri_nobody_can_use_is_one_line(s3):
+def test_a_storage_uri_nobody_can_use_is_one_line(s3, tmp_path, data_dir):
     assert "bucket nope-not-here does not exist" in store_problem("s3://nope-not-here/x")
-    assert "not a URI" in store_problem("some/folder")
+    assert "not an object-store URI" in store_problem("some/folder")
+    assert "not an object-store URI" in store_problem("file:///tmp/x")
+    assert "nosuch" in store_problem("nosuch://bucket/x")
     assert store_problem(f"{s3}/sweeps") is None
+    path, store = write(tmp_path, SWEEP), tmp_path / "store"
+    for bad in ("s3://nope-not-here/x", "some/folder"):
+        for extra in (["--dry-run", "--no-estimate"], []):  # the dry run makes the real run's check
+            r = subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--storage",
+                                bad, *extra], cwd=ROOT, env={**os.environ, "DLSWEEP_DATA_DIR": data_dir},
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2 and r.stderr.strip().startswith("error: --storage") and "Traceback" not in r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and not store.exists()
 
 
 @pytest.mark.slow
@@ -116,7 +126,7 @@ def test_a_two_node_sweep_on_object_storage_and_a_tracking_server_killed_then_re
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials run on the workers only
     for _ in range(2):
         cluster.add_node(num_cpus=1)
-    env = {**os.environ, "DLSWEEP_DATA_DIR": data_dir, "DLSWEEP_SYNC_PERIOD_S": "1"}
+    env = {**os.environ, "DLSWEEP_DATA_DIR": data_dir}
     cmd = [sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--address", cluster.address,
            "--tracking-uri", uri, "--storage", storage]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -132,7 +142,7 @@ def test_a_two_node_sweep_on_object_storage_and_a_tracking_server_killed_then_re
             except Exception:  # the experiment is not there yet
                 continue
         assert len(done) >= 2, "no fine-tune trial completed in time"
-        time.sleep(2)  # one sync period: the driver's latest state is in the store
+        time.sleep(12)  # Tune saves its state to the store at least every 10 s (and on every trial checkpoint)
         os.kill(state_of(store)["driver"]["pid"], signal.SIGKILL)  # the driver (a session of its own), with no word
         os.killpg(proc.pid, signal.SIGKILL)  # and the `dlsweep run` that watches it
         proc.communicate()
@@ -164,3 +174,18 @@ def test_a_two_node_sweep_on_object_storage_and_a_tracking_server_killed_then_re
             os.killpg(proc.pid, signal.SIGKILL)
         cluster.shutdown()
         stop_server(server)
+
+
+def test_resuming_on_a_new_head_whose_mlflow_store_stayed_on_the_old_one_is_one_line(s3, tmp_path, data_dir):
+    from dlcore.store import read_state, write_state
+
+    path, store, storage = write(tmp_path, SWEEP), tmp_path / "store", f"{s3}/team"
+    old = tmp_path / "old-head" / "sweeps" / "study" / "state.json"
+    state = {"name": "study", "status": "interrupted", "storage": storage, "tracking_uri": "sqlite:////old-head/mlflow.db"}
+    write_state(old, state)
+    assert read_state(tmp_path / "nowhere.json", storage, "study") == state  # the copy in the store
+    r = subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--storage", storage,
+                        "--resume"], cwd=ROOT, env={**os.environ, "DLSWEEP_DATA_DIR": data_dir}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "MLflow store /old-head/mlflow.db is not on this machine" in r.stderr and "--tracking-uri" in r.stderr

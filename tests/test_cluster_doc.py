@@ -64,10 +64,10 @@ def test_the_kuberay_manifest_has_a_head_and_a_gpu_group():
 
 
 @pytest.mark.parametrize("line", [line for line in LINES if line.startswith("dlsweep ")])
-def test_guide_dlsweep_line_works_as_written(line, data_dir, monkeypatch):
+def test_guide_dlsweep_line_works_as_written(line, data_dir, monkeypatch, s3):  # noqa: F811
     monkeypatch.setenv("DLSWEEP_DATA_DIR", data_dir)
     monkeypatch.chdir(ROOT)
-    args = shlex.split(line)[1:]
+    args = [a.replace("s3://team-dlsweep", s3) for a in shlex.split(line)[1:]]  # the bucket: moto's, here
     if args[0] == "run":  # a dry run checks the file and the data as the real run would
         args = [a for a in args if a != "--resume"] + ([] if "--dry-run" in args else ["--dry-run", "--no-estimate"])
     else:  # a report of a sweep on a server that is not here
