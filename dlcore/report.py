@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -260,6 +261,13 @@ def _count(tags: dict) -> int:
     return int(budget) if budget.isdigit() else 0
 
 
+def natural(item) -> list:
+    """Sort key that reads the numbers in a name as numbers: ae.latent_dim=2 before ae.latent_dim=12.
+    Takes a name or a (name, value) pair."""
+    name = item[0] if isinstance(item, tuple) else item
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
 def stage_runs(client: MlflowClient, experiment_id: str) -> dict[str, object]:
     """The newest completed run of each pretraining stage in the experiment (any invocation: they are cached)."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG}outcome` = 'completed'",
@@ -292,7 +300,7 @@ def embeddings_markdown(embeddings: dict[str, dict]) -> list[str]:
              "centroid; separation: mean distance between class centroids over mean spread; both in units of the "
              "embedding's overall spread (RMS distance to its mean). Centroid distances are in the figure and in "
              "`centroid_distances.csv`.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for stage, e in sorted(embeddings.items()):
+    for stage, e in sorted(embeddings.items(), key=natural):
         lines.append(f"| {stage} | {e['separation']:.2f} | " + " | ".join(f"{v:.2f}" for v in e["spread"].tolist()) + " |")
     return lines + [""]
 
@@ -300,7 +308,7 @@ def embeddings_markdown(embeddings: dict[str, dict]) -> list[str]:
 def stage_grids(stages: dict[str, object]) -> dict[str, list[dict]]:
     """Stages expanded from a ``grid:``: base name -> one entry per point (its values and test metrics)."""
     out = defaultdict(list)
-    for name, run in sorted(stages.items()):
+    for name, run in sorted(stages.items(), key=natural):
         tags, m = run.data.tags, run.data.metrics
         if tags.get(TAG + "grid_of"):
             out[tags[TAG + "grid_of"]].append({"stage": name, "point": json.loads(tags[TAG + "point"]),
@@ -335,7 +343,7 @@ def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float
              "step and a fine-tune step of the same encoder cost about the same per image).", "",
              "| stage | objective | steps | batch | images processed | images it trained on | wall time |", "|" + " --- |" * 7]
     cost = {}
-    for name, run in sorted(stages.items()):
+    for name, run in sorted(stages.items(), key=natural):
         p, m = run.data.params, run.data.metrics
         steps, batch = int(float(p.get("steps", 0))), _batch(p)
         cost[name] = steps * batch
@@ -578,7 +586,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
 
     stages = stage_runs(client, experiment_id)
     grids, losses, embeddings = {}, {}, {}
-    for stage, run in sorted(stages.items()):
+    for stage, run in sorted(stages.items(), key=natural):
         name = f"loss_curves_{stage}.png"
         history = metric_history(client, run.info.run_id, CURVE_METRICS + TEST_CURVES)
         plots.save(plots.loss_curves(history, f"pretraining stage {stage}"), out / name, svg=True)
@@ -626,7 +634,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
     if embeddings:
         _write_csv(out / "centroid_distances.csv", [
             {"stage": stage, "class": i, **{str(j): round(v, 4) for j, v in enumerate(row)}}
-            for stage, e in sorted(embeddings.items()) for i, row in enumerate(e["centroid_dist"].tolist())])
+            for stage, e in sorted(embeddings.items(), key=natural) for i, row in enumerate(e["centroid_dist"].tolist())])
     table_md = _markdown(rows)
     (out / "summary.md").write_text(table_md)
 
@@ -665,13 +673,15 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         md += ["## Pretraining stages", "", "Test metrics of each stage's checkpoint selected on held-out images. "
                "Autoencoders report their mean L1 and mean squared (L2) error per pixel whatever loss they trained on, "
                "so stages trained on different losses compare in common units.", "",
-               "| stage | objective | selected step | test loss (its own) | test L1 | test L2 |", "|" + " --- |" * 6]
-        for name, run in sorted(stages.items()):
+               "| stage | objective | selected step | test loss (its own) | test L1 | test L2 | test accuracy |",
+               "|" + " --- |" * 7]
+        for name, run in sorted(stages.items(), key=natural):
             m = run.data.metrics
             if m.get("test_loss") is None:
                 continue
             cols = [f"{m['best_step']:,.0f}" if "best_step" in m else "-"]
             cols += [f"{m[k]:.4f}" if k in m else "-" for k in ("test_loss", "test_l1", "test_l2")]
+            cols.append(f"{m['test_acc']:.2%}" if "test_acc" in m else "-")
             md.append(f"| {name} | {run.data.tags.get(TAG + 'objective', '?')} | " + " | ".join(cols) + " |")
         md.append("")
     md += compute_markdown(stages, cells, target) if finetuned else []
@@ -870,7 +880,7 @@ def _efficiency_markdown(rows: list[dict]) -> str:
 
 def _trials_markdown(counts: dict[str, Counter], problems: list[str]) -> str:
     lines = ["| stage | " + " | ".join(o.replace("_", " ") for o in OUTCOMES) + " |", "|" + " --- |" * (len(OUTCOMES) + 1)]
-    for stage in sorted(counts, key=lambda s: (s != "finetune", s)):
+    for stage in sorted(counts, key=lambda s: (s != "finetune", natural(s))):
         lines.append(f"| {stage} | " + " | ".join(str(counts[stage][o]) for o in OUTCOMES) + " |")
     lines += ["", "Only completed trials are selected; stopped, diverged, failed and interrupted ones are counted here "
               "and left out of every table and curve."]
