@@ -495,3 +495,12 @@ def test_compute_view_sets_pretraining_images_against_fine_tune_images_saved():
     assert R.compute_markdown({"ae": stage}, [cell("scratch", 100)], None)[-2].startswith("| ae |")  # no target: cost only
     late = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 50), cell("scratch", None)], 0.8))
     assert "| > 4,800 | - |" in late  # scratch never got there within its 200 steps: over (200 - 50) x 32 saved
+
+
+def test_stage_names_sort_by_their_numbers():
+    from dlcore.report import natural
+
+    names = ["clf", "ae.latent_dim=12.fc_hidden=0", "ae.latent_dim=2.fc_hidden=256", "ae.latent_dim=2.fc_hidden=0"]
+    assert sorted(names, key=natural) == ["ae.latent_dim=2.fc_hidden=0", "ae.latent_dim=2.fc_hidden=256",
+                                          "ae.latent_dim=12.fc_hidden=0", "clf"]
+    assert sorted([("b10", 1), ("b9", 2)], key=natural) == [("b9", 2), ("b10", 1)]
