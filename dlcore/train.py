@@ -495,7 +495,9 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     final = {"step": cfg.steps, "best_step": best_step}
     if best is not None:
         final[f"best_{cfg.metric}"] = best
+    t_test = time.perf_counter()
     final.update(evaluate(model, batcher, ds.x_test, ds.y_test, cfg, autocast, "test"))
+    final["eval_s"] = eval_s + time.perf_counter() - t_test  # every evaluation's seconds, the final test's included
     final.update(train_size=len(split.train), train_bf16=float(bf16), **labels, labels_total=sum(labels.values()))
     final["wall_s"] = time.perf_counter() - t0
     (ckpt / "history.json").write_text(json.dumps(history))

@@ -90,6 +90,7 @@ def test_sweep_end_to_end_logs_every_trial_and_reuses_pretraining(tiny_sweep, tm
     assert "stopped_early" in outcomes  # ASHA cut some trials inside their cells
     done = [r for r in finetune if r.data.tags["dlsweep.outcome"] == "completed"]
     assert done and all("test_acc" in r.data.metrics for r in done)
+    assert all(0 < r.data.metrics["eval_s"] < r.data.metrics["wall_s"] for r in done)  # the benchmark's eval share
     arts = {a.path for a in client.list_artifacts(done[0].info.run_id, "checkpoint")}
     assert {"checkpoint/model.pt", "checkpoint/encoder.pt"} <= arts
     ae_run = next(r for r in runs if r.data.tags["dlsweep.stage"] == "ae")
