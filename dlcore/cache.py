@@ -53,8 +53,6 @@ def filesystem(uri: str):
     return fs.FileSystem.from_uri(uri)
 
 
-_fs = filesystem
-
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -92,7 +90,7 @@ def write(cache: str | Path, key: str, checkpoint: Path, job: dict, metrics: dic
         tmp.replace(dest)
         return str(dest)
     try:
-        fs, root = _fs(join(cache, key))
+        fs, root = filesystem(join(cache, key))
         fs.delete_dir_contents(root, missing_dir_ok=True)
         fs.create_dir(root)
         for name in [*manifest["files"], MANIFEST]:  # the manifest last: an entry with one is whole
@@ -106,7 +104,7 @@ def write(cache: str | Path, key: str, checkpoint: Path, job: dict, metrics: dic
 def _manifest(cache: str | Path, key: str) -> dict | None:
     try:
         if is_uri(cache):
-            fs, path = _fs(join(cache, key, MANIFEST))
+            fs, path = filesystem(join(cache, key, MANIFEST))
             with fs.open_input_stream(path) as f:
                 return json.loads(f.read())
         return json.loads((Path(cache) / key / MANIFEST).read_text())
@@ -119,7 +117,7 @@ def _exists(cache: str | Path, key: str) -> bool:
         return (Path(cache) / key).exists()
     from pyarrow import fs as pafs
 
-    fs, path = _fs(join(cache, key))
+    fs, path = filesystem(join(cache, key))
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
@@ -138,7 +136,7 @@ def problem(cache: str | Path, key: str) -> str | None:
     if is_uri(cache):
         from pyarrow import fs as pafs
 
-        fs, root = _fs(join(cache, key))
+        fs, root = filesystem(join(cache, key))
         infos = {i.path[len(root):].lstrip("/"): i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))}
         for name, size in manifest.get("sizes", {}).items():
             info = infos.get(name)
@@ -189,7 +187,7 @@ def fetch(cache: str | Path, key: str) -> Path:
         tmp = here / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        fs, root = _fs(join(cache, key))
+        fs, root = filesystem(join(cache, key))
         for name in [*manifest["files"], MANIFEST]:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(f"{root}/{name}") as src, open(tmp / name, "wb") as dst:
@@ -211,7 +209,7 @@ def labels_total(folder: Path) -> int:
 
 def remove(cache: str | Path, key: str) -> None:
     if is_uri(cache):
-        fs, path = _fs(join(cache, key))
+        fs, path = filesystem(join(cache, key))
         fs.delete_dir_contents(path, missing_dir_ok=True)
         try:
             fs.delete_dir(path)

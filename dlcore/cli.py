@@ -83,10 +83,10 @@ def run(
         check_all(sweep, str(sweep_file))  # the same checks for --dry-run and a real run, before anything is written
     except SpecError as e:
         fail(str(e))
-    if storage:
+    if storage and dry_run:  # a real run's check is run_sweep's, before it writes anything
         from .store import store_problem
 
-        trouble = store_problem(storage, create=not dry_run)
+        trouble = store_problem(storage, create=False)
         if trouble:
             fail(trouble)
     if dry_run:

@@ -345,13 +345,10 @@ def _storage(paths: Paths, state: dict) -> str:
     return cache.join(paths.ray, state["name"], state["stamp"])
 
 
-def _tune_storage(where: str) -> dict:
-    """Tune's storage arguments for a local path or an object-store URI (its filesystem built here,
-    so that an S3-compatible endpoint from the environment reaches every node with it)."""
-    if not cache.is_uri(where):
-        return {"path": where}
-    fs, path = cache.filesystem(where)
-    return {"path": path, "storage_filesystem": fs}
+def _tune_storage(where: str) -> tuple:
+    """Tune's (path, storage_filesystem) for a local path or an object-store URI (the filesystem built
+    here, so that an S3-compatible endpoint from the environment reaches every node with it)."""
+    return cache.filesystem(where)[::-1] if cache.is_uri(where) else (where, None)
 
 
 def _trainable(data: dict, resources: dict):
@@ -658,13 +655,14 @@ class Study:
                                self.state["tuners"].index(name))
         scheduler = (CellASHA(sweep.metric, sweep.mode, sweep.asha.grace_period, sweep.asha.reduction_factor)
                      if sweep.asha.enabled else FIFOScheduler())
+        path, fs = _tune_storage(self.storage)
         mlflow_cb = tracking.MlflowCallback(self.uri, self.state["experiment_id"], self.state["parent_run_id"],
                                             self.paths.outbox(self.state["name"]))
         return tune.Tuner(
             self.trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=len(stages) + sum(n for _, n in cells), reuse_actors=True),
-            run_config=tune.RunConfig(name=name, **self._run_storage(), callbacks=[mlflow_cb, ProgressCallback()],
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, callbacks=[mlflow_cb, ProgressCallback()],
                                       stop=tracking.TrackingStopper(mlflow_cb), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
@@ -685,17 +683,13 @@ class Study:
                                f"{outbox.patience_s:.0f} s ({outbox.last_error}); {len(outbox.pending)} record(s) kept "
                                f"for --resume[/]", highlight=False, soft_wrap=True)
 
-    def _run_storage(self) -> dict:
-        where = _tune_storage(self.storage)
-        return {"storage_path": where.pop("path"), **where}
-
     def _restore(self, name: str) -> tune.Tuner:
-        return tune.Tuner.restore(**_tune_storage(cache.join(self.storage, name)), trainable=self.trainable,
-                                  resume_unfinished=True, resume_errored=True)
+        path, fs = _tune_storage(cache.join(self.storage, name))
+        return tune.Tuner.restore(path, self.trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
 
     def run(self, resume: bool) -> None:
         tuners = self.state["tuners"]
-        if resume and tuners and tune.Tuner.can_restore(**_tune_storage(cache.join(self.storage, tuners[-1]))):
+        if resume and tuners and tune.Tuner.can_restore(*_tune_storage(cache.join(self.storage, tuners[-1]))):
             for name in tuners[:-1]:
                 self.results[name] = list(self._restore(name).get_results())
             self.console.print(f"{tuners[-1]}: continuing; failed and unfinished trials run again", highlight=False)

@@ -43,6 +43,12 @@ class Paths:
         return self.root / "sweeps" / name / "outbox.json"
 
 
+def first_line(e: BaseException) -> str:
+    """An exception in one line: its message's first line, or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def mirror(storage: str, name: str) -> str:
     """Where a sweep's state file is copied in its object store, for a driver on another machine."""
     return join(storage, "sweeps", name, "state.json")
@@ -62,8 +68,7 @@ def write_state(path: Path, state: dict) -> None:
             with target.open_output_stream(where) as f:  # one PUT: whole or absent
                 f.write(text.encode())
         except Exception as e:  # noqa: BLE001 -- the local file is the record; the copy is for another head
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"warning: could not copy the sweep's state to {state['storage']} ({first}); it is in {path}",
+            print(f"warning: could not copy the sweep's state to {state['storage']} ({first_line(e)}); it is in {path}",
                   file=sys.stderr, flush=True)
 
 
@@ -95,6 +100,5 @@ def store_problem(storage: str, create: bool = True) -> str | None:
         if create:
             target.create_dir(where)
     except Exception as e:  # noqa: BLE001 -- unknown scheme, credentials, endpoint: pyarrow raises many kinds
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"--storage {storage}: {first}"
+        return f"--storage {storage}: {first_line(e)}"
     return None

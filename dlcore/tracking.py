@@ -33,7 +33,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray import tune  # noqa: E402
 
-from . import plots  # noqa: E402
+from . import plots
+from .store import first_line
 
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a fresh store
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -313,8 +314,7 @@ class MlflowCallback(tune.Callback):
         try:
             return ckpt.to_directory(str(self.outbox.path.parent / DOWNLOADED / trial.trial_id))
         except Exception as e:  # noqa: BLE001 -- the run is still logged, without its checkpoint
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"warning: could not copy {trial.trial_id}'s checkpoint from the object store ({first}); its run is "
+            print(f"warning: could not copy {trial.trial_id}'s checkpoint from the object store ({first_line(e)}); its run is "
                   "logged without it", file=sys.stderr, flush=True)
             return None
 

@@ -64,7 +64,7 @@ def test_an_object_store_cache_entry_is_written_manifest_last_verified_and_fetch
     assert cache.problem(root, "k1") is None
 
     downloads = []
-    opened = cache._fs
+    opened = cache.filesystem
 
     def counting(uri):
         filesystem, path = opened(uri)
@@ -72,14 +72,14 @@ def test_an_object_store_cache_entry_is_written_manifest_last_verified_and_fetch
             downloads.append(uri)
         return filesystem, path
 
-    monkeypatch.setattr(cache, "_fs", counting)
+    monkeypatch.setattr(cache, "filesystem", counting)
     first = cache.fetch(root, "k1")
     second = cache.fetch(root, "k1")
     assert first == second and (first / "encoder.pt").read_bytes() == b"weights" * 100
     assert len(downloads) == 1  # the second trial on this node reads the first one's verified copy
     assert (first / "sub" / "extra.bin").exists() and cache.labels_total(first) == 7
     assert str(first).startswith(str(tmp_path / "node-cache"))
-    monkeypatch.setattr(cache, "_fs", opened)
+    monkeypatch.setattr(cache, "filesystem", opened)
 
     # a damaged object is caught before any trial reads it: by size in the store, by sha256 on the node
     store, path = cache.filesystem(f"{root}/k1/encoder.pt")
