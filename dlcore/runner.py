@@ -77,7 +77,11 @@ def run_trial(config: dict, data: dict) -> None:
                 metrics = {**metrics, "labels_upstream": upstream, "labels_total": metrics["labels_total"] + upstream}
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-        final = train(cfg, report, D.Dataset.from_numpy(data))
+        # A trial that starts again (its node was lost, or the sweep was killed and resumed) continues
+        # from the last checkpoint it reported, wherever that was stored.
+        restored = tune.get_checkpoint()
+        resume = restored.to_directory(str(Path(out) / "restored")) if restored else None
+        final = train(cfg, report, D.Dataset.from_numpy(data), resume=resume)
         final["labels_total"] = final.get("labels_total", 0) + upstream
         if job["tags"]["stage"] != "finetune" and "diverged_step" not in final:
             # A pretraining stage caches itself before it ends, so that the stages and cells that

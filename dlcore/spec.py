@@ -507,7 +507,7 @@ def pretrain_jobs(sweep: Sweep) -> dict[tuple[str, int], Job]:
                 parents = sweep.stage_seeds(st.from_)
                 source = jobs[(st.from_, parents[sweep.stage_seeds(name).index(seed) % len(parents)])].key
             train.setdefault("embeddings", True)  # a stage's encoder is worth looking at; not part of its identity
-            hashed = {k: v for k, v in train.items() if k not in ("data_dir", "eval_batch_size", "embeddings")}
+            hashed = {k: v for k, v in train.items() if k not in ("data_dir", "eval_batch_size", "embeddings", "resume_every_s")}
             key = f"{name}-{config_hash({**hashed, 'source': source})}"
             tags = {"stage": name, "objective": st.objective, "seed": seed}
             if st.grid_of:

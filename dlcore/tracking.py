@@ -35,6 +35,7 @@ from ray import tune  # noqa: E402
 
 from . import plots
 from .store import first_line
+from .train import RESUME
 
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a fresh store
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -90,7 +91,8 @@ def start_parent(uri: str, experiment_id: str, name: str, spec: dict, tags: dict
 
 def numeric_metrics(result: dict) -> dict:
     """The metrics of a trial's result worth logging; ``at<steps>/...`` are the step budgets read off the run."""
-    keys = ("train_", "val_", "test_", "best_", "labels_", "samples_per_s", "wall_s", "eval_s", "train_size", "diverged_step")
+    keys = ("train_", "val_", "test_", "best_", "labels_", "samples_per_s", "wall_s", "eval_s", "train_size", "diverged_step",
+            "resumed_from_step")
     return {k: float(v) for k, v in result.items() if (k.startswith(keys) or READ_OFF.match(k))
             and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
@@ -212,16 +214,30 @@ class Outbox:
 
     # ---- the operations -----------------------------------------------------------------
 
-    def _start(self, trial_id: str, experiment_id: str, parent_run_id: str, tags: dict, params: dict) -> None:
-        # A trial that starts again after a crash or kill logs afresh: its partial run is replaced.
-        old = self.client.search_runs(
+    def _start(self, trial_id: str, experiment_id: str, parent_run_id: str, tags: dict, params: dict,
+               continues: bool = False) -> None:
+        """A trial's run. One that starts again after a lost node or a killed driver continues its run
+        when it continues from a checkpoint (``continues``); one that starts from step 0 logs afresh,
+        and its partial run is replaced."""
+        old = self.client.search_runs(  # newest first
             [experiment_id],
             filter_string=f"tags.`{TAG}trial_id` = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
+        if continues and old:
+            run, old = old[0], old[1:]
+            run_id = run.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            for key in (TAG + "outcome", TAG + "error"):  # what the stopped attempt ended with
+                if key in run.data.tags:
+                    self.client.delete_tag(run_id, key)
+            self.client.set_tag(run_id, TAG + "restarts", str(int(run.data.tags.get(TAG + "restarts", 0)) + 1))
+        else:
+            run_id = None
         for r in old:
             self.client.delete_run(r.info.run_id)
-        run = self.client.create_run(experiment_id, tags=tags)
-        self.runs[trial_id] = run.info.run_id
-        log_params(self.client, run.info.run_id, params)
+        if run_id is None:
+            run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
+            log_params(self.client, run_id, params)
+        self.runs[trial_id] = run_id
 
     def _metrics(self, trial_id: str, metrics: list) -> None:
         self.client.log_batch(self.runs[trial_id], metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics])
@@ -241,9 +257,12 @@ class Outbox:
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, checkpoint: str | None, title: str) -> None:
-    """Best checkpoint files, the loss-curve plot and, for autoencoders, the reconstruction grid."""
+    """Best checkpoint files, the loss-curve plot and, for autoencoders, the reconstruction grid (a
+    run that stopped before its end leaves out its restart state)."""
     if checkpoint is not None and Path(checkpoint).is_dir():
-        client.log_artifacts(run_id, checkpoint, "checkpoint")
+        for f in sorted(Path(checkpoint).iterdir()):
+            if f.is_file() and f.name != RESUME:
+                client.log_artifact(run_id, str(f), "checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
         history = metric_history(client, run_id)
         plots.save(plots.loss_curves(history, title), Path(tmp) / "loss_curves.png")
@@ -270,9 +289,21 @@ LOGS_ARTIFACTS = ("completed", "stopped_early", "diverged")
 DOWNLOADED = "checkpoints-from-storage"  # beside the outbox: checkpoints copied from --storage to be logged
 
 
+def continues(checkpoint) -> bool:
+    """Whether a trial that starts with this Tune checkpoint continues a run (train() resumes from it)."""
+    if checkpoint is None:
+        return False
+    from pyarrow import fs
+
+    try:
+        return checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{RESUME}").type != fs.FileType.NotFound
+    except Exception:  # noqa: BLE001 -- an unreadable store: the trial will not find it either
+        return False
+
+
 class MlflowCallback(tune.Callback):
-    """Logs every trial as a child run of the sweep's parent run, through an ``Outbox``; restarts
-    replace, never duplicate."""
+    """Logs every trial as a child run of the sweep's parent run, through an ``Outbox``; a restarted
+    trial continues its run (from its checkpoint) or replaces it (from step 0), never duplicates it."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, outbox_path: Path):
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
@@ -284,7 +315,7 @@ class MlflowCallback(tune.Callback):
                 **{TAG + k: str(v) for k, v in job["tags"].items()},
                 MLFLOW_RUN_NAME: run_name(job["tags"]), "mlflow.note.content": short_name(job["tags"])}
         params = {**job["train"], **{f"cell.{k}": v for k, v in job["tags"].items()}}
-        self.outbox.put("start", trial.trial_id, self.experiment_id, self.parent_run_id, tags, params)
+        self.outbox.put("start", trial.trial_id, self.experiment_id, self.parent_run_id, tags, params, continues(trial.checkpoint))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         ts, step = int(time.time() * 1000), int(result.get("step", 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -112,6 +113,7 @@ class TrainConfig:
     out_dir: str = "."
     recon_samples: int = 64  # test images kept as input/reconstruction examples for autoencoders
     embeddings: bool = False  # write embeddings.pt: how the selected encoder lays out the test set's classes
+    resume_every_s: float = 60.0  # a restartable snapshot goes with a report at least this often (0: every evaluation)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -177,14 +179,22 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def batches(n: int, batch_size: int, g: torch.Generator, device) -> Iterator[Tensor]:
-    """Endless batches of positions in range(n): shuffled epochs, chained so every batch is full."""
-    buf = torch.empty(0, dtype=torch.long, device=device)
-    while True:
-        while len(buf) < batch_size:
-            buf = torch.cat([buf, torch.randperm(n, generator=g, device=device)])
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
+class Batches:
+    """Endless batches of positions in range(n): shuffled epochs, chained so every batch is full.
+    ``buf``, the positions drawn but not yet handed out, is its whole state besides ``g``'s."""
+
+    def __init__(self, n: int, batch_size: int, g: torch.Generator, device, buf: Tensor | None = None):
+        self.n, self.batch_size, self.g, self.device = n, batch_size, g, device
+        self.buf = buf if buf is not None else torch.empty(0, dtype=torch.long, device=device)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        while len(self.buf) < self.batch_size:
+            self.buf = torch.cat([self.buf, torch.randperm(self.n, generator=self.g, device=self.device)])
+        out, self.buf = self.buf[: self.batch_size], self.buf[self.batch_size :]
+        return out
 
 
 @dataclass
@@ -381,13 +391,48 @@ def save_checkpoint(model: nn.Module, path: Path, meta: dict) -> None:
     (path / "meta.json").write_text(json.dumps(meta))
 
 
-def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None = None) -> dict:
+RESUME = "resume.pt"  # in a reported checkpoint until the run ends: what a restarted run continues from
+
+
+def save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: Batches, progress: dict) -> None:
+    """The run as it stands after an evaluation: weights, optimizer, data order and random state, and
+    ``progress`` (step, best, history, timings). Written beside the best checkpoint, which it agrees with."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "stream": stream.buf,
+             "generator": stream.g.get_state(), "torch_rng": torch.get_rng_state(), **progress}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / (RESUME + ".tmp"))
+    (path / (RESUME + ".tmp")).replace(path / RESUME)
+
+
+def load_resume(saved: Path, ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: Batches, device) -> dict:
+    """Puts a run back where ``save_resume`` left it (the best checkpoint's files copied to ``ckpt``);
+    returns its ``progress``."""
+    state = torch.load(saved / RESUME, map_location=device, weights_only=False)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for f in saved.iterdir():
+        if f.is_file() and f.name != RESUME:
+            shutil.copy2(f, ckpt / f.name)
+    model.load_state_dict(state.pop("model"))
+    opt.load_state_dict(state.pop("optimizer"))
+    stream.buf = state.pop("stream").to(device)
+    stream.g.set_state(state.pop("generator"))
+    torch.set_rng_state(state.pop("torch_rng"))
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state_all(state.pop("cuda_rng"))
+    return state
+
+
+def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None = None, resume: str | None = None) -> dict:
     """Run one stage; returns the final metrics (best validation step and its test metrics).
 
     Writes ``<out_dir>/checkpoint/`` (model.pt, encoder.pt, meta.json, history.json and, for
     autoencoders, samples.pt) and calls ``report(metrics, checkpoint_dir)`` after every
-    evaluation (checkpoint_dir only when the best checkpoint changed) and once at the end
-    with the test metrics.
+    evaluation and once at the end with the test metrics. An evaluation passes checkpoint_dir when
+    the best checkpoint changed or ``cfg.resume_every_s`` passed since the last one; until the end
+    it holds ``resume.pt`` too, and ``resume`` (a copy of such a folder) continues that run where it
+    was, to the same result.
     """
     report = report or (lambda metrics, checkpoint_dir: None)
     if cfg.threads:
@@ -448,8 +493,16 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
             out[f"best_{cfg.metric}"] = best
         return {f"at{done}/{k}": v for k, v in out.items()}
 
-    stream = batches(len(split.train), cfg.batch_size, g, device)
-    for step in range(-1, cfg.steps):
+    stream = Batches(len(split.train), cfg.batch_size, g, device)
+    first, resumed_from = -1, None
+    if resume and (Path(resume) / RESUME).exists():
+        progress = load_resume(Path(resume), ckpt, model, opt, stream, device)
+        first = resumed_from = progress["step"]  # that evaluation was reported before the run stopped
+        best, best_step, history, eval_s = progress["best"], progress["best_step"], progress["history"], progress["eval_s"]
+        t0 = time.perf_counter() - progress["elapsed_s"]
+        set_train_mode(model, cfg)
+    snapshot_at = time.perf_counter()
+    for step in range(first, cfg.steps):
         done = step + 1
         if step >= 0:
             for group in opt.param_groups:
@@ -487,9 +540,16 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
         if done:
             metrics["samples_per_s"] = done * cfg.batch_size / (time.perf_counter() - t0 - eval_s)
         history.append(metrics)
-        report(metrics, str(ckpt) if improved else None)
+        snapshot = improved or time.perf_counter() - snapshot_at >= cfg.resume_every_s
+        if snapshot:
+            save_resume(ckpt, model, opt, stream, {"step": done, "best": best, "best_step": best_step, "history": history,
+                                                   "eval_s": eval_s, "elapsed_s": time.perf_counter() - t0})
+            snapshot_at = time.perf_counter()
+        report(metrics, str(ckpt) if snapshot else None)
         run_loss, run_correct, run_n = 0.0, 0, 0
         set_train_mode(model, cfg)
+
+    (ckpt / RESUME).unlink(missing_ok=True)  # the run is over: what is left is the selected checkpoint
 
     model.load_state_dict(models.load_state(ckpt / "model.pt", device))
     final = {"step": cfg.steps, "best_step": best_step}
@@ -499,6 +559,8 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     final.update(evaluate(model, batcher, ds.x_test, ds.y_test, cfg, autocast, "test"))
     final["eval_s"] = eval_s + time.perf_counter() - t_test  # every evaluation's seconds, the final test's included
     final.update(train_size=len(split.train), train_bf16=float(bf16), **labels, labels_total=sum(labels.values()))
+    if resumed_from is not None:
+        final["resumed_from_step"] = resumed_from
     final["wall_s"] = time.perf_counter() - t0
     (ckpt / "history.json").write_text(json.dumps(history))
     if cfg.objective in ("autoencoder", "decode"):

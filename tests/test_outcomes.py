@@ -340,20 +340,25 @@ def test_the_ray_cluster_joined_going_away_is_one_line_and_saved(tmp_path, data_
         cluster.shutdown()
 
 
-def test_a_worker_node_lost_mid_trial_restarts_the_trial_elsewhere_with_max_failures(tmp_path, data_dir):
-    """`max_failures`: a trial whose node goes away starts again on another node; the sweep finishes
-    with every trial's run once, completed, and says a trial was restarted."""
+def test_a_worker_node_lost_mid_trial_continues_from_its_checkpoint_elsewhere_with_max_failures(tmp_path, data_dir):
+    """`max_failures`: a trial whose node goes away starts again on another node from the last
+    checkpoint it reported; the sweep finishes with the trial's run once, completed, continued (every
+    evaluation logged once, those before the loss kept) and says a trial was restarted."""
     from ray.cluster_utils import Cluster
 
     raw = {**SWEEP, "finetune": {**SWEEP["finetune"], "arms": {"scratch": {}}, "labels": [20], "steps": [400],
-                                  "eval_every": 20}, "max_failures": 2}
+                                  "eval_every": 20, "resume_every_s": 0}, "max_failures": 2}
     del raw["pretrain"]
     path, store = write(tmp_path, raw), tmp_path / "store"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
     worker = cluster.add_node(num_cpus=1)
     proc = join(path, store, cluster.address, data_dir, stderr=subprocess.STDOUT)
     try:
-        wait_for_a_report(proc, store)  # from the worker
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(  # a few evaluations logged (each with its checkpoint)
+                m.step >= 100 for r in runs_of(sqlite(store)) for m in MlflowClient(sqlite(store)).get_metric_history(r.info.run_id, "val_acc")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.3)
         cluster.remove_node(worker, allow_graceful=False)
         cluster.add_node(num_cpus=1)
         out, _ = proc.communicate(timeout=300)
@@ -362,6 +367,11 @@ def test_a_worker_node_lost_mid_trial_restarts_the_trial_elsewhere_with_max_fail
         runs = runs_of(sqlite(store))
         assert len(runs) == 1 and runs[0].data.tags["dlsweep.outcome"] == "completed"
         assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["test_acc"] > 0.1
+        assert runs[0].data.tags["dlsweep.restarts"] == "1"
+        assert 100 <= runs[0].data.metrics["resumed_from_step"] < 400
+        history = MlflowClient(sqlite(store)).get_metric_history(runs[0].info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == list(range(0, 401, 20))
+        assert "resume.pt" not in {a.path.split("/")[-1] for a in MlflowClient(sqlite(store)).list_artifacts(runs[0].info.run_id, "checkpoint")}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

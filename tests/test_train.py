@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from dlcore import models
-from dlcore.train import TrainConfig, get_lr, train
+from dlcore.train import RESUME, TrainConfig, get_lr, train
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,44 @@ def test_same_seed_same_result_bit_for_bit(small, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["test_loss"] == b["test_loss"]
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+class Lost(Exception):
+    """The node a run was on went away."""
+
+
+@pytest.mark.parametrize("objective, kw", [("classify", {"labels": 200, "augment": "crop_flip", "lr": 3e-3}),
+                                           ("autoencoder", {"noise_std": 0.3})])
+def test_a_run_continued_from_its_last_reported_checkpoint_ends_exactly_as_if_never_stopped(small, tmp_path, objective, kw):
+    """A trial restarted after its node was lost continues from the last checkpoint it reported:
+    weights, optimizer, data order and the augmentation's and noise's random state, so it ends bit for
+    bit where the run that never stopped ends, reporting only the evaluations it had not yet reported."""
+    kw = {**kw, "objective": objective, "steps": 60, "eval_every": 10, "resume_every_s": 0}
+    whole_calls = []
+    whole = train(cfg(tmp_path / "whole", **kw), lambda m, c: whole_calls.append(m), small)
+    saved = tmp_path / "saved"
+
+    def report(metrics, checkpoint):
+        if metrics["step"] == 30:
+            assert checkpoint is not None  # resume_every_s 0: every evaluation hands over a checkpoint
+            shutil.copytree(checkpoint, saved)  # what Tune persists
+            raise Lost
+
+    with pytest.raises(Lost):
+        train(cfg(tmp_path / "first", **kw), report, small)
+    assert (saved / RESUME).exists()
+    calls = []
+    again = train(cfg(tmp_path / "again", **kw), lambda m, c: calls.append(m), small, resume=str(saved))
+    assert [m["step"] for m in calls[:-1]] == [40, 50, 60]
+    assert [m["val_loss"] for m in calls[:-1]] == [m["val_loss"] for m in whole_calls[4:-1]]
+    assert again["resumed_from_step"] == 30 and "resumed_from_step" not in whole
+    assert again["test_loss"] == whole["test_loss"] and again["best_step"] == whole["best_step"]
+    a = models.load_state(str(tmp_path / "whole" / "checkpoint" / "model.pt"))
+    b = models.load_state(str(tmp_path / "again" / "checkpoint" / "model.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((tmp_path / "again" / "checkpoint" / "history.json").read_text())
+    assert [m["step"] for m in history] == [0, 10, 20, 30, 40, 50, 60]  # the whole run's, for its curves
+    assert not (tmp_path / "again" / "checkpoint" / RESUME).exists()  # a finished run keeps only its selection
 
 
 def test_autoencoder_loss_falls_and_dae_keeps_noisy_samples(small, tmp_path):
