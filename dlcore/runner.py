@@ -81,7 +81,8 @@ def run_trial(config: dict, data: dict) -> None:
         # from the last checkpoint it reported, wherever that was stored.
         restored = tune.get_checkpoint()
         resume = restored.to_directory(str(Path(out) / "restored")) if restored else None
-        final = train(cfg, report, D.Dataset.from_numpy(data), resume=resume)
+        own = tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0)
+        final = train(cfg, report, D.Dataset.from_numpy(data), resume=resume, threads_now=threads_for(own, cfg.threads or 1))
         final["labels_total"] = final.get("labels_total", 0) + upstream
         if job["tags"]["stage"] != "finetune" and "diverged_step" not in final:
             # A pretraining stage caches itself before it ends, so that the stages and cells that
@@ -89,6 +90,32 @@ def run_trial(config: dict, data: dict) -> None:
             cache.write(job["cache"], job["key"], Path(out) / "checkpoint", job, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def threads_for(own: float, start: int):
+    """How many threads a trial holding ``own`` CPUs of its node should run now: as many as it holds,
+    plus, while some of the node's CPUs are held by no trial (the pretraining stage ahead of the arms
+    that wait for it, the last trials of a sweep), its share of those in proportion to what it holds;
+    read from Ray's resource accounting. Tune cannot grow a running trial's request without
+    restarting it (ResourceChangingScheduler, which also rules out reused actors), so idle CPUs are
+    borrowed rather than requested, and handed back within ``THREADS_EVERY_S`` of a new trial
+    taking them."""
+    from ray._private import state  # per-node accounting (a DeveloperAPI)
+
+    node = ray.get_runtime_context().get_node_id()
+    total = state.total_resources_per_node().get(node, {}).get("CPU", own)
+    last = [start]
+
+    def now() -> int:
+        try:
+            free = state.available_resources_per_node().get(node, {}).get("CPU", 0.0)
+        except Exception:  # noqa: BLE001 -- the GCS busy or gone: keep what it has
+            return last[0]
+        held = max(own, total - free)
+        last[0] = max(start, int(own + free * own / held + 1e-9))
+        return last[0]
+
+    return now
 
 
 # ---- search and scheduling: one study, pretraining stages and grid cells together --------

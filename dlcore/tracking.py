@@ -92,7 +92,7 @@ def start_parent(uri: str, experiment_id: str, name: str, spec: dict, tags: dict
 def numeric_metrics(result: dict) -> dict:
     """The metrics of a trial's result worth logging; ``at<steps>/...`` are the step budgets read off the run."""
     keys = ("train_", "val_", "test_", "best_", "labels_", "samples_per_s", "wall_s", "eval_s", "train_size", "diverged_step",
-            "resumed_from_step")
+            "resumed_from_step", "threads")
     return {k: float(v) for k, v in result.items() if (k.startswith(keys) or READ_OFF.match(k))
             and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 

@@ -44,6 +44,8 @@ METRICS = {  # validation metrics each objective reports, any of which can selec
 
 Report = Callable[[dict, "str | None"], None]
 
+THREADS_EVERY_S = 2.0  # how often a run with ``threads_now`` asks how many threads it may use
+
 # A loss or metric beyond this (or not finite) means the run diverged: an lr of 1000 reaches 1e17
 # without ever producing a NaN, and no loss of these objectives is near it while training works.
 DIVERGED_ABOVE = 1e6
@@ -424,7 +426,8 @@ def load_resume(saved: Path, ckpt: Path, model: nn.Module, opt: torch.optim.Opti
     return state
 
 
-def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None = None, resume: str | None = None) -> dict:
+def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None = None, resume: str | None = None,
+          threads_now: Callable[[], int] | None = None) -> dict:
     """Run one stage; returns the final metrics (best validation step and its test metrics).
 
     Writes ``<out_dir>/checkpoint/`` (model.pt, encoder.pt, meta.json, history.json and, for
@@ -432,7 +435,8 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     evaluation and once at the end with the test metrics. An evaluation passes checkpoint_dir when
     the best checkpoint changed or ``cfg.resume_every_s`` passed since the last one; until the end
     it holds ``resume.pt`` too, and ``resume`` (a copy of such a folder) continues that run where it
-    was, to the same result.
+    was, to the same result. ``threads_now``, asked every ``THREADS_EVERY_S``, sets the number of
+    threads while it runs (the sweep runner's answer follows the cores no trial holds).
     """
     report = report or (lambda metrics, checkpoint_dir: None)
     if cfg.threads:
@@ -467,7 +471,7 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
 
     def evaluation(done: int) -> dict:
         """Train metrics since the last evaluation, validation (and test-curve) metrics now."""
-        metrics = {"step": done, **labels}  # labels too, so a run stopped early still says what it read
+        metrics = {"step": done, "threads": torch.get_num_threads(), **labels}  # labels: what a run stopped early read
         if run_n:
             metrics["train_loss"] = float(run_loss) / run_n
             if cfg.objective == "classify":
@@ -501,9 +505,13 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
         best, best_step, history, eval_s = progress["best"], progress["best_step"], progress["history"], progress["eval_s"]
         t0 = time.perf_counter() - progress["elapsed_s"]
         set_train_mode(model, cfg)
-    snapshot_at = time.perf_counter()
+    snapshot_at = threads_at = time.perf_counter()
     for step in range(first, cfg.steps):
         done = step + 1
+        if threads_now is not None and time.perf_counter() - threads_at >= THREADS_EVERY_S:
+            if (n := threads_now()) != torch.get_num_threads():
+                torch.set_num_threads(n)
+            threads_at = time.perf_counter()
         if step >= 0:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * get_lr(step, cfg)

@@ -2,6 +2,7 @@
 S3-compatible object store (moto's server on 127.0.0.1), MLflow behind a real `mlflow server`
 that serves the artifacts, a real 2-node Ray cluster, a driver killed and resumed from the store."""
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from dlcore import cache
 from dlcore.store import store_problem
-from test_outcomes import ROOT, SWEEP, free_port, runs_of, start_server, state_of, stop_server, write
+from test_outcomes import ROOT, SWEEP, free_port, runs_of, sqlite, start_server, state_of, stop_server, write
 
 BUCKET = "dlsweep-test"
 
@@ -46,6 +47,20 @@ def keys(uri: str) -> list[str]:
     store, root = cache.filesystem(uri)
     return [i.path[len(root):].lstrip("/") for i in store.get_file_info(fs.FileSelector(root, recursive=True))
             if i.type == fs.FileType.File]
+
+
+def stored_finished(storage: str) -> set[str]:
+    """The trials Tune's experiment state in the object store records as finished."""
+    from pyarrow import fs
+
+    store, root = cache.filesystem(storage)
+    files = [i.path for i in store.get_file_info(fs.FileSelector(f"{root}/ray", recursive=True, allow_not_found=True))
+             if Path(i.path).name.startswith("experiment_state-")]
+    if not files:
+        return set()
+    with store.open_input_stream(max(files)) as f:  # the names carry when each was started
+        trials = [json.loads(t[0]) for t in json.loads(f.read())["trial_data"]]
+    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
 def entry(tmp_path: Path) -> Path:
@@ -142,7 +157,9 @@ def test_a_two_node_sweep_on_object_storage_and_a_tracking_server_killed_then_re
             except Exception:  # the experiment is not there yet
                 continue
         assert len(done) >= 2, "no fine-tune trial completed in time"
-        time.sleep(12)  # Tune saves its state to the store at least every 10 s (and on every trial checkpoint)
+        deadline = time.time() + 60  # Tune saves its state to the store every 10 s or more, and on trial checkpoints
+        while time.time() < deadline and not {r.data.tags["dlsweep.trial_id"] for r in done} <= stored_finished(storage):
+            time.sleep(1)
         os.kill(state_of(store)["driver"]["pid"], signal.SIGKILL)  # the driver (a session of its own), with no word
         os.killpg(proc.pid, signal.SIGKILL)  # and the `dlsweep run` that watches it
         proc.communicate()
@@ -174,6 +191,51 @@ def test_a_two_node_sweep_on_object_storage_and_a_tracking_server_killed_then_re
             os.killpg(proc.pid, signal.SIGKILL)
         cluster.shutdown()
         stop_server(server)
+
+
+def test_a_worker_node_lost_mid_trial_continues_from_its_checkpoint_in_the_store_with_max_failures(s3, tmp_path, data_dir):
+    """`max_failures`: a trial whose node goes away starts again on another node from the last
+    checkpoint it reported, read from the object store; the sweep finishes with the trial's run once,
+    completed and continued (every evaluation logged once, those before the loss kept), and says a
+    trial was restarted."""
+    from ray.cluster_utils import Cluster
+
+    raw = {**SWEEP, "finetune": {**SWEEP["finetune"], "arms": {"scratch": {}}, "labels": [20], "steps": [600],
+                                  "eval_every": 20, "resume_every_s": 0}, "max_failures": 2}
+    del raw["pretrain"]
+    path, store, storage = write(tmp_path, raw), tmp_path / "store", f"{s3}/team"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
+    worker = cluster.add_node(num_cpus=1)
+    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store), "--address",
+                             cluster.address, "--storage", storage], cwd=ROOT,
+                            env={**os.environ, "DLSWEEP_DATA_DIR": data_dir}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client, deadline, steps = MlflowClient(sqlite(store)), time.time() + 120, []
+        while time.time() < deadline and max(steps, default=-1) < 100:  # a few evaluations, each with its checkpoint
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+            if (store / "mlflow.db").exists() and client.get_experiment_by_name("study"):
+                steps = [m.step for r in runs_of(sqlite(store)) for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        cluster.remove_node(worker, allow_graceful=False)
+        cluster.add_node(num_cpus=1)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert "restarting" in out and "done (1 completed)" in out
+        runs = runs_of(sqlite(store))
+        assert len(runs) == 1 and runs[0].data.tags["dlsweep.outcome"] == "completed"
+        assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["test_acc"] > 0.1
+        assert runs[0].data.tags["dlsweep.restarts"] == "1"
+        assert 100 <= runs[0].data.metrics["resumed_from_step"] < 600
+        history = client.get_metric_history(runs[0].info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == list(range(0, 601, 20))  # each once: continued, not replayed
+        assert "checkpoint/resume.pt" not in {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoint")}
+        assert any("/checkpoint_" in k for k in keys(storage))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.communicate(timeout=60)
+        cluster.shutdown()
 
 
 def test_resuming_on_a_new_head_whose_mlflow_store_stayed_on_the_old_one_is_one_line(s3, tmp_path, data_dir):

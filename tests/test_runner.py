@@ -300,3 +300,38 @@ def test_fewer_trials_than_cpu_slots_share_out_the_cores():
     assert share_cores(1, 2, 2) == 1  # two trials, one core each
     assert share_cores(1, 3, 8) == 2.0 and share_cores(1, 99, 8) == 1  # whole CPUs; a big sweep keeps its request
     assert share_cores(2, 1, 2) == 2 and share_cores(0.5, 3, 2) == 0.5  # already the node / enough trials to fill it
+
+
+def test_a_trial_borrows_the_cores_no_trial_holds_and_gives_them_back():
+    """threads_for: a trial holding 1 of 2 CPUs runs 2 threads while nothing holds the other, 1 once
+    another trial takes it, 2 again when that one ends (Ray's accounting, read on a local Ray)."""
+    import ray
+
+    from dlcore.runner import threads_for
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=1)
+        class Trial:
+            def __init__(self):
+                self.threads = threads_for(1.0, 1)
+
+            def ask(self) -> int:
+                return self.threads()
+
+        def settles(actor, want: int) -> bool:  # the accounting lags a placement by up to a heartbeat
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                if ray.get(actor.ask.remote()) == want:
+                    return True
+                time.sleep(0.2)
+            return False
+
+        first = Trial.remote()
+        assert settles(first, 2)
+        second = Trial.remote()
+        assert settles(first, 1) and settles(second, 1)
+        ray.kill(second)
+        assert settles(first, 2)
+    finally:
+        ray.shutdown()
