@@ -82,7 +82,8 @@ def run_trial(config: dict, data: dict) -> None:
         restored = tune.get_checkpoint()
         resume = restored.to_directory(str(Path(out) / "restored")) if restored else None
         own = tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0)
-        final = train(cfg, report, D.Dataset.from_numpy(data), resume=resume, threads_now=threads_for(own, cfg.threads or 1))
+        threads_now = threads_for(own, cfg.threads or 1) if config.get("borrow_idle") else None
+        final = train(cfg, report, D.Dataset.from_numpy(data), resume=resume, threads_now=threads_now)
         final["labels_total"] = final.get("labels_total", 0) + upstream
         if job["tags"]["stage"] != "finetune" and "diverged_step" not in final:
             # A pretraining stage caches itself before it ends, so that the stages and cells that
@@ -103,7 +104,10 @@ def threads_for(own: float, start: int):
     from ray._private import state  # per-node accounting (a DeveloperAPI)
 
     node = ray.get_runtime_context().get_node_id()
-    total = state.total_resources_per_node().get(node, {}).get("CPU", own)
+    try:
+        total = state.total_resources_per_node().get(node, {}).get("CPU", own)
+    except Exception:  # noqa: BLE001 -- the GCS busy: no borrowing for this trial
+        total = own
     last = [start]
 
     def now() -> int:
@@ -386,12 +390,12 @@ def _trainable(data: dict, resources: dict):
     return tune.with_resources(tune.with_parameters(run_trial, data=data), resources)
 
 
-def _job_config(job: Job, paths: Paths, threads: int) -> dict:
+def _job_config(job: Job, paths: Paths, threads: int, borrow_idle: bool = True) -> dict:
     train = dict(job.train, threads=threads)
     if job.source:  # what MLflow shows; the trial reads its node's verified copy (cache.fetch)
         train["init_encoder"] = cache.join(paths.cache, job.source, "encoder.pt")
     return {"train": train, "tags": job.tags, "key": job.key, "source": job.source, "lead": job.lead,
-            "cache": str(paths.cache)}
+            "cache": str(paths.cache), "borrow_idle": borrow_idle}
 
 
 def fit_resources(resources: dict, console: Console, trials: int | None = None) -> dict:
@@ -680,8 +684,9 @@ class Study:
     def _tuner(self, name: str, stages: list[Job], cells: list[tuple[Job, int]], ready: set[str]) -> tune.Tuner:
         sweep = self.sweep
         space = {k: d.to_tune() for k, d in sweep.finetune.search.items()} if sweep.finetune else {}
-        searcher = StudySearch([_job_config(j, self.paths, self.threads) for j in stages],
-                               [_job_config(c, self.paths, self.threads) for c, _ in cells], space, [n for _, n in cells],
+        borrow = sweep.resources.borrow_idle
+        searcher = StudySearch([_job_config(j, self.paths, self.threads, borrow) for j in stages],
+                               [_job_config(c, self.paths, self.threads, borrow) for c, _ in cells], space, [n for _, n in cells],
                                sweep.metric, sweep.mode, str(self.paths.cache), ready, self._picks(),
                                self.state["tuners"].index(name))
         scheduler = (CellASHA(sweep.metric, sweep.mode, sweep.asha.grace_period, sweep.asha.reduction_factor)

@@ -234,6 +234,9 @@ class AshaSpec(Strict):
 class Resources(Strict):
     cpu: float = Field(1.0, gt=0, allow_inf_nan=False)
     gpu: float = Field(0.0, ge=0, allow_inf_nan=False)
+    # A trial runs extra threads on its node's CPUs that no trial holds. Off: a fixed thread count,
+    # so that a run's floating-point sums (and so its last digits) do not depend on other trials.
+    borrow_idle: bool = True
 
 
 class Tracking(Strict):

@@ -145,6 +145,7 @@ class Outbox:
         self.patience_s = patience_s if patience_s is not None else float(os.environ.get("DLSWEEP_TRACKING_PATIENCE_S", 600))
         self.pending: list = []
         self.runs: dict[str, str] = {}  # trial_id -> MLflow run id
+        self.logged: dict[str, dict[str, int]] = {}  # continued runs: trial_id -> metric -> last step logged before
         self.down_since: float | None = None
         self.next_try = 0.0
         self.last_error = ""
@@ -155,6 +156,7 @@ class Outbox:
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             self.pending, self.runs = saved["pending"], {**self.runs, **saved["runs"]}
+            self.logged = {**self.logged, **saved.get("logged", {})}
 
     def __getstate__(self):
         return {**self.__dict__, "_client": None}
@@ -207,7 +209,7 @@ class Outbox:
         if self.pending:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"pending": self.pending, "runs": self.runs}))
+            tmp.write_text(json.dumps({"pending": self.pending, "runs": self.runs, "logged": self.logged}))
             tmp.replace(self.path)
         elif self.path.exists():
             self.path.unlink()
@@ -230,8 +232,12 @@ class Outbox:
                 if key in run.data.tags:
                     self.client.delete_tag(run_id, key)
             self.client.set_tag(run_id, TAG + "restarts", str(int(run.data.tags.get(TAG + "restarts", 0)) + 1))
+            # The trial reports again the evaluations after its checkpoint that the run already has.
+            self.logged[trial_id] = {k: max(m.step for m in self.client.get_metric_history(run_id, k))
+                                     for k in run.data.metrics}
         else:
             run_id = None
+            self.logged.pop(trial_id, None)
         for r in old:
             self.client.delete_run(r.info.run_id)
         if run_id is None:
@@ -240,7 +246,10 @@ class Outbox:
         self.runs[trial_id] = run_id
 
     def _metrics(self, trial_id: str, metrics: list) -> None:
-        self.client.log_batch(self.runs[trial_id], metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics])
+        logged = self.logged.get(trial_id, {})
+        fresh = [Metric(k, v, ts, step) for k, v, ts, step in metrics if step > logged.get(k, -1)]
+        if fresh:
+            self.client.log_batch(self.runs[trial_id], metrics=fresh)
 
     def _end(self, trial_id: str, result: str, tags: dict, checkpoint: str | None, title: str, error_file: str | None) -> None:
         run_id = self.runs[trial_id]
@@ -290,15 +299,31 @@ DOWNLOADED = "checkpoints-from-storage"  # beside the outbox: checkpoints copied
 
 
 def continues(checkpoint) -> bool:
-    """Whether a trial that starts with this Tune checkpoint continues a run (train() resumes from it)."""
+    """Whether a trial that starts with this Tune checkpoint continues a run (train() resumes from it).
+    Every checkpoint a running trial hands over holds the restart state, so a store that cannot be
+    asked counts as yes."""
     if checkpoint is None:
         return False
     from pyarrow import fs
 
     try:
         return checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{RESUME}").type != fs.FileType.NotFound
-    except Exception:  # noqa: BLE001 -- an unreadable store: the trial will not find it either
-        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def drop_restart_state(checkpoint) -> None:
+    """A trial that ended (completed, stopped, diverged) never continues: its last checkpoint need not
+    keep the weights twice and the optimizer's state in the store."""
+    if checkpoint is None:
+        return
+    from pyarrow import fs
+
+    try:
+        if checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{RESUME}").type == fs.FileType.File:
+            checkpoint.filesystem.delete_file(f"{checkpoint.path}/{RESUME}")
+    except Exception:  # noqa: BLE001 -- a few megabytes left behind, nothing lost
+        pass
 
 
 class MlflowCallback(tune.Callback):
@@ -328,6 +353,8 @@ class MlflowCallback(tune.Callback):
         self._end(trial, "failed", {TAG + "error": error_line(trial)}, trial.error_file)
 
     def _end(self, trial, result: str, tags: dict | None = None, error_file: str | None = None) -> None:
+        if result in LOGS_ARTIFACTS:
+            drop_restart_state(trial.checkpoint)
         checkpoint = self._local(trial) if result in LOGS_ARTIFACTS else None
         tags = {TAG + "outcome": result, **(tags or {})}
         self.outbox.put("end", trial.trial_id, result, tags, checkpoint, short_name(trial.config["job"]["tags"]), error_file)

@@ -401,8 +401,8 @@ def save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, stream
     ``progress`` (step, best, history, timings). Written beside the best checkpoint, which it agrees with."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "stream": stream.buf,
              "generator": stream.g.get_state(), "torch_rng": torch.get_rng_state(), **progress}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if stream.buf.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state()  # the trial's own device
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state, path / (RESUME + ".tmp"))
     (path / (RESUME + ".tmp")).replace(path / RESUME)
@@ -411,7 +411,7 @@ def save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, stream
 def load_resume(saved: Path, ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: Batches, device) -> dict:
     """Puts a run back where ``save_resume`` left it (the best checkpoint's files copied to ``ckpt``);
     returns its ``progress``."""
-    state = torch.load(saved / RESUME, map_location=device, weights_only=False)
+    state = torch.load(saved / RESUME, map_location="cpu", weights_only=False)  # random states must stay on the CPU
     ckpt.mkdir(parents=True, exist_ok=True)
     for f in saved.iterdir():
         if f.is_file() and f.name != RESUME:
@@ -421,8 +421,8 @@ def load_resume(saved: Path, ckpt: Path, model: nn.Module, opt: torch.optim.Opti
     stream.buf = state.pop("stream").to(device)
     stream.g.set_state(state.pop("generator"))
     torch.set_rng_state(state.pop("torch_rng"))
-    if "cuda_rng" in state:
-        torch.cuda.set_rng_state_all(state.pop("cuda_rng"))
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state.pop("cuda_rng"))
     return state
 
 
@@ -536,6 +536,7 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
             # Stop now: the last finite values are the previous evaluation's, already reported.
             final = {"step": done, "diverged_step": done, "train_size": len(split.train), **labels,
                      "wall_s": time.perf_counter() - t0}
+            (ckpt / RESUME).unlink(missing_ok=True)
             report(final, None)
             return final
         improved = not cfg.selects or best is None or better(metrics[cfg.metric], best)
@@ -544,15 +545,16 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
             save_checkpoint(model, ckpt, {"step": done, cfg.metric: best})
         if done in budgets:
             metrics.update(read_off(done))
-        eval_s += time.perf_counter() - t_eval
         if done:
-            metrics["samples_per_s"] = done * cfg.batch_size / (time.perf_counter() - t0 - eval_s)
+            metrics["samples_per_s"] = done * cfg.batch_size / (t_eval - t0 - eval_s)  # training time only
         history.append(metrics)
         snapshot = improved or time.perf_counter() - snapshot_at >= cfg.resume_every_s
-        if snapshot:
+        if snapshot:  # evaluation's time too: it is not training
             save_resume(ckpt, model, opt, stream, {"step": done, "best": best, "best_step": best_step, "history": history,
-                                                   "eval_s": eval_s, "elapsed_s": time.perf_counter() - t0})
+                                                   "eval_s": eval_s + time.perf_counter() - t_eval,
+                                                   "elapsed_s": time.perf_counter() - t0})
             snapshot_at = time.perf_counter()
+        eval_s += time.perf_counter() - t_eval
         report(metrics, str(ckpt) if snapshot else None)
         run_loss, run_correct, run_n = 0.0, 0, 0
         set_train_mode(model, cfg)

@@ -217,6 +217,7 @@ def test_a_worker_node_lost_mid_trial_continues_from_its_checkpoint_in_the_store
             time.sleep(0.2)
             if (store / "mlflow.db").exists() and client.get_experiment_by_name("study"):
                 steps = [m.step for r in runs_of(sqlite(store)) for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        assert max(steps, default=-1) >= 100, "the trial reported no evaluation past step 100 in time"
         cluster.remove_node(worker, allow_graceful=False)
         cluster.add_node(num_cpus=1)
         out, _ = proc.communicate(timeout=300)

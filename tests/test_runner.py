@@ -309,6 +309,8 @@ def test_a_trial_borrows_the_cores_no_trial_holds_and_gives_them_back():
 
     from dlcore.runner import threads_for
 
+    if ray.is_initialized():  # left by an earlier test
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         @ray.remote(num_cpus=1)
