@@ -430,6 +430,13 @@ AUGMENTATIONS = {
     "crop_flip": crop_flip,
     "simclr": simclr_view,
 }
+AUGMENTATION_TEXT = {  # what a report says each one does
+    "none": "none",
+    "flip": "horizontal flip (p 0.5)",
+    "crop_flip": "random crop after 4-pixel reflection padding, horizontal flip (p 0.5)",
+    "simclr": "random resized crop (area 0.2-1, aspect 3/4-4/3), horizontal flip (p 0.5), colour jitter "
+              "(brightness, contrast, saturation 0.4, hue 0.1; p 0.8), grayscale (p 0.2)",
+}
 
 
 def augmentation(name: str):

@@ -470,6 +470,49 @@ def sweep_of(client: MlflowClient, parent: str):
         return None
 
 
+SETTING_SKIP = ("data_dir", "labels", "seed", "step_budgets", "init_encoder", "test_size", "embeddings", "metric",
+                "validation", "val_fraction", "split_seed", "dataset", "val_size", "classes")  # said elsewhere
+
+
+def _setting(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, (int, float)):
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def settings_markdown(spec) -> list[str]:
+    """What each pretraining stage and each arm trained with, as the sweep set it (first seed): the
+    augmentations and hyperparameters a reader needs to repeat a number."""
+    from .spec import finetune_cells, pretrain_jobs
+
+    columns: dict[str, dict] = {}
+    for job in pretrain_jobs(spec).values():
+        columns.setdefault(f"stage {job.stage}", job.train)
+    searched = set(spec.finetune.search) if spec.finetune else set()
+    for cell in finetune_cells(spec):
+        train = {**cell.train, **{k: "searched" for k in searched}}
+        if spec.finetune.arms[cell.tags["arm"]].from_:
+            train["from"] = spec.finetune.arms[cell.tags["arm"]].from_
+        columns.setdefault(f"arm {cell.tags['arm']}", train)
+    if not columns:
+        return []
+    keys = sorted({k for c in columns.values() for k in c if k not in SETTING_SKIP},
+                  key=lambda k: (k not in ("objective", "from", "finetune", "encoder", "augment"), k))
+    lines = ["## Settings", "", "Each stage's and arm's settings as the sweep set them (steps: the largest budget); "
+             "anything not listed is at its default in `dlcore/train.py` (`TrainConfig`).", "",
+             "| setting | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_setting(c[k]) if k in c else "" for c in columns.values()) + " |")
+    from .data import AUGMENTATION_TEXT
+
+    used = sorted({c["augment"] for c in columns.values() if c.get("augment") in AUGMENTATION_TEXT})
+    lines += ["", "Augmentations, on each training batch: " + "; ".join(f"`{a}`: {AUGMENTATION_TEXT[a]}" for a in used)
+              + "." if used else ""]
+    return lines + [""]
+
+
 def curve_trials(chosen: list[Trial], cells: list[str] | None) -> list[Trial]:
     """Trials whose loss curves to draw: for each ``arm/labels=N`` asked for (default: every arm at
     its smallest budget), the selected trial of the lowest seed."""
@@ -686,6 +729,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         md.append("")
     md += compute_markdown(stages, cells, target) if finetuned else []
     md += grid_md + embeddings_markdown(embeddings)
+    md += settings_markdown(spec) if spec is not None else []
     md += ["## Trials", "", _trials_markdown(counts, problems), ""]
     (out / "report.md").write_text("\n".join(md))
     return {"parent": parent, "cells": cells, "rows": rows, "paired": paired, "efficiency": efficiency, "missing": missing,

@@ -3,6 +3,7 @@ can be worked out by hand."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric
@@ -504,3 +505,19 @@ def test_stage_names_sort_by_their_numbers():
     assert sorted(names, key=natural) == ["ae.latent_dim=2.fc_hidden=0", "ae.latent_dim=2.fc_hidden=256",
                                           "ae.latent_dim=12.fc_hidden=0", "clf"]
     assert sorted([("b10", 1), ("b9", 2)], key=natural) == [("b9", 2), ("b10", 1)]
+
+
+def test_the_settings_table_says_what_each_stage_and_arm_trained_with():
+    """The report's settings: every stage and arm as a column, what the sweep set (a searched value
+    says so), the stage an arm starts from, and the augmentations in words."""
+    from dlcore.spec import load_sweep
+
+    sweep = load_sweep(Path(__file__).parents[1] / "sweeps" / "barlow_cifar10.yaml", profile="cpu")
+    md = "\n".join(R.settings_markdown(sweep))
+    assert "| setting | stage barlow | arm linear | arm finetuned |" in md
+    assert "| augment | simclr | crop_flip | crop_flip |" in md
+    assert "| from |  | barlow | barlow |" in md and "| encoder_lr |  |  | 0.0003 |" in md
+    assert "| barlow_lambda | 0.005 |  |  |" in md and "| steps | 5,000 | 2,000 | 2,000 |" in md
+    assert "`simclr`: random resized crop (area 0.2-1" in md and "`crop_flip`: random crop" in md
+    full = load_sweep(Path(__file__).parents[1] / "sweeps" / "barlow_cifar10.yaml")
+    assert "| lr | 0.3 | searched | searched |" in "\n".join(R.settings_markdown(full))  # finetune.search: lr
