@@ -12,9 +12,9 @@ if FAULT:
 
     _real = T.train
 
-    def train(cfg, report=None, data=None):
+    def train(cfg, report=None, data=None, **kw):
         if eval(FAULT, {}, dataclasses.asdict(cfg)):  # noqa: S307 -- the test's own expression
             raise RuntimeError(f"injected fault: {FAULT}")
-        return _real(cfg, report, data)
+        return _real(cfg, report, data, **kw)
 
     T.train = train
