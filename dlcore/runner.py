@@ -20,6 +20,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -495,6 +496,36 @@ def _start_ray(address: str | None, console: Console) -> None:
              configure_logging=True)
 
 
+def _open_sweep(sweep: Sweep, source: str, uri: str, experiment_id: str, storage: str | None, paths: Paths,
+                console: Console, state: dict | None) -> dict:
+    """The sweep's MLflow side before its trials: a resumed sweep (``state``) sends what its last run
+    could not and closes the runs it left open; a new one starts its parent run. Returns the state."""
+    resume = state is not None
+    if resume:
+        console.print(f"resuming {sweep.name} (run {state['stamp']})")
+        outbox = tracking.Outbox(uri, paths.outbox(sweep.name))
+        if outbox.pending:
+            sent = len(outbox.pending)
+            outbox.flush()
+            console.print(f"sent {sent - len(outbox.pending)} MLflow record(s) the last run could not", highlight=False)
+        dangling = tracking.end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
+        if dangling:
+            console.print(f"{dangling} run(s) the interrupted driver left open or lost with its Ray cluster marked KILLED (outcome interrupted)",
+                          highlight=False)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        written = sweep.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude_none=True)
+        written.pop("profile", None)
+        params = {**written, "sweep.file": source, "sweep.profile": sweep.profile or "none"}
+        parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(mode="json", by_alias=True),
+                                       {"sweep": sweep.name, "source": source, "stamp": stamp, "sampler": "sobol-tpe"},
+                                       params)
+        state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
+                 "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": [],
+                 "storage": storage}
+    return state
+
+
 def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
               resume: bool = False, console: Console | None = None, supervised: bool = False,
               storage: str | None = None) -> dict:
@@ -548,29 +579,20 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     if trouble:
         raise RunError(trouble)
     experiment = sweep.tracking.experiment or sweep.name
-    experiment_id = tracking.ensure_experiment(uri, experiment, paths.artifacts)
-    if resume:
-        console.print(f"resuming {sweep.name} (run {state['stamp']})")
-        outbox = tracking.Outbox(uri, paths.outbox(sweep.name))
-        if outbox.pending:
-            sent = len(outbox.pending)
-            outbox.flush()
-            console.print(f"sent {sent - len(outbox.pending)} MLflow record(s) the last run could not", highlight=False)
-        dangling = tracking.end_dangling_runs(uri, state["experiment_id"], state["parent_run_id"])
-        if dangling:
-            console.print(f"{dangling} run(s) the interrupted driver left open or lost with its Ray cluster marked KILLED (outcome interrupted)",
-                          highlight=False)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        written = sweep.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude_none=True)
-        written.pop("profile", None)
-        params = {**written, "sweep.file": source, "sweep.profile": sweep.profile or "none"}
-        parent = tracking.start_parent(uri, experiment_id, f"sweep {stamp}", sweep.model_dump(mode="json", by_alias=True),
-                                       {"sweep": sweep.name, "source": source, "stamp": stamp, "sampler": "sobol-tpe"},
-                                       params)
-        state = {"name": sweep.name, "stamp": stamp, "parent_run_id": parent, "experiment_id": experiment_id,
-                 "tracking_uri": uri, "spec": sweep.model_dump(mode="json", by_alias=True), "tuners": [],
-                 "storage": storage}
+    # A fresh sqlite store takes seconds to build its schema, and Ray seconds to start its processes:
+    # the one in a thread while the other starts.
+    own_ray = not ray.is_initialized()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        setup = pool.submit(tracking.ensure_experiment, uri, experiment, paths.artifacts)
+        try:
+            _start_ray(address, console)
+            experiment_id = setup.result()
+            state = _open_sweep(sweep, source, uri, experiment_id, storage, paths, console, state if resume else None)
+        except BaseException:
+            if own_ray and ray.is_initialized():
+                ray.shutdown()
+            raise
     state["status"] = "running"
     state["driver"] = {"pid": os.getpid()}  # whose the running state is: the supervisor checks for its child's
     write_state(state_path, state)
@@ -582,9 +604,6 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         print(f"error: the Ray cluster at {where} went away mid-sweep; state saved; once Ray is back, continue with: {hint}",
               file=sys.stderr, flush=True)
 
-    own_ray = not ray.is_initialized()
-    started = time.perf_counter()
-    _start_ray(address, console)
     watch = RayWatch(None if supervised else on_ray_loss)
     state["driver"]["ray"] = watch.where
     write_state(state_path, state)
@@ -712,6 +731,7 @@ class Study:
             grid = tuner.fit()
         self.ctrl_c = self.ctrl_c or bool(seen)
         self.results[name] = list(grid)
+        tracking.Outbox.close_all()
         outbox = tracking.Outbox(self.uri, self.paths.outbox(self.state["name"]))  # what the callback could not send
         if not outbox.flush():
             self.tracking_lost = True
