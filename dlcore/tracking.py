@@ -290,17 +290,21 @@ class Outbox:
                     self.client.delete_tag(run_id, key)
             self.client.set_tag(run_id, TAG + "restarts", str(int(run.data.tags.get(TAG + "restarts", 0)) + 1))
             # The trial reports again the evaluations after its checkpoint that the run already has.
-            self.logged[trial_id] = {k: max(m.step for m in self.client.get_metric_history(run_id, k))
-                                     for k in run.data.metrics}
+            logged = {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in run.data.metrics}
         else:
-            run_id = None
-            self.logged.pop(trial_id, None)
+            run_id, logged = None, None
+        with self._queue:  # put() writes these to the file from the caller's thread
+            if logged is None:
+                self.logged.pop(trial_id, None)
+            else:
+                self.logged[trial_id] = logged
         for r in old:
             self.client.delete_run(r.info.run_id)
         if run_id is None:
             run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
             log_params(self.client, run_id, params)
-        self.runs[trial_id] = run_id
+        with self._queue:
+            self.runs[trial_id] = run_id
 
     def _metrics(self, trial_id: str, metrics: list) -> None:
         logged = self.logged.get(trial_id, {})
