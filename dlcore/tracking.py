@@ -381,12 +381,9 @@ def drop_restart_state(checkpoint) -> None:
     keep the weights twice and the optimizer's state in the store."""
     if checkpoint is None:
         return
-    from pyarrow import fs
-
     try:
-        if checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{RESUME}").type == fs.FileType.File:
-            checkpoint.filesystem.delete_file(f"{checkpoint.path}/{RESUME}")
-    except Exception:  # noqa: BLE001 -- a few megabytes left behind, nothing lost
+        checkpoint.filesystem.delete_file(f"{checkpoint.path}/{RESUME}")
+    except Exception:  # noqa: BLE001 -- already gone (a finished run removes it), or a few megabytes left behind
         pass
 
 
