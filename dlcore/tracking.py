@@ -394,6 +394,7 @@ class MlflowCallback(tune.Callback):
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, outbox_path: Path):
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.outbox = Outbox(uri, outbox_path, background=True)
+        self.open: set[str] = set()  # trials started here whose end is not logged yet
 
     def on_trial_start(self, iteration, trials, trial, **info):
         job = trial.config["job"]
@@ -402,6 +403,7 @@ class MlflowCallback(tune.Callback):
                 MLFLOW_RUN_NAME: run_name(job["tags"]), "mlflow.note.content": short_name(job["tags"])}
         params = {**job["train"], **{f"cell.{k}": v for k, v in job["tags"].items()}}
         self.outbox.put("start", trial.trial_id, self.experiment_id, self.parent_run_id, tags, params, continues(trial.checkpoint))
+        self.open.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         ts, step = int(time.time() * 1000), int(result.get("step", 0))
@@ -418,6 +420,7 @@ class MlflowCallback(tune.Callback):
             drop_restart_state(trial.checkpoint)
         checkpoint = self._local(trial) if result in LOGS_ARTIFACTS else None
         tags = {TAG + "outcome": result, **(tags or {})}
+        self.open.discard(trial.trial_id)
         self.outbox.put("end", trial.trial_id, result, tags, checkpoint, short_name(trial.config["job"]["tags"]), error_file)
 
     def _local(self, trial) -> str | None:
@@ -438,6 +441,12 @@ class MlflowCallback(tune.Callback):
             return None
 
     def on_experiment_end(self, trials, **info):
+        # Trials the sweep stopped (Ctrl-C, a tracking server away too long) end without
+        # on_trial_complete. One stopped after its final result, test metrics and all, counts as
+        # completed for the runner as for Tune, so its run says so; the others were interrupted.
+        for trial in trials:
+            if trial.trial_id in self.open:
+                self._end(trial, outcome(trial.last_result))
         self.outbox.flush(wait=True)
         self.outbox.close()
 

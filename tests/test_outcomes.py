@@ -249,7 +249,9 @@ def test_tracking_server_killed_mid_sweep_then_resumed(tmp_path, data_dir):
         runs = runs_of(uri)
         cells = [r.data.tags["dlsweep.cell"] for r in runs]
         assert sorted(cells) == sorted(set(cells)) and len(cells) == 6  # every cell once, none twice
-        assert all(r.data.tags["dlsweep.outcome"] == "completed" and r.info.status == "FINISHED" for r in runs)
+        assert all(r.data.tags.get("dlsweep.outcome") == "completed" and r.info.status == "FINISHED" for r in runs), \
+            [(r.data.tags["dlsweep.cell"], r.data.tags.get("dlsweep.outcome"), r.info.status, r.data.tags.get("dlsweep.restarts"))
+             for r in runs]
         assert set(completed) <= {r.info.run_id for r in runs}  # completed before the kill: not rerun
     finally:
         if proc.poll() is None:

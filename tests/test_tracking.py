@@ -1,6 +1,9 @@
 """The driver's MLflow writes (tracking.Outbox) against a real sqlite MLflow store."""
 
+import time
+
 from mlflow.tracking import MlflowClient
+from ray import tune
 
 from dlcore import tracking
 
@@ -60,3 +63,53 @@ def test_a_background_outbox_sends_in_order_off_the_callers_thread_and_keeps_its
     assert not box._thread.is_alive() and not (tmp_path / "outbox.json").exists()
     run = box.runs["t1"]
     assert sorted(m.step for m in MlflowClient(uri).get_metric_history(run, "val_loss")) == [0, 20]
+
+
+def test_trials_stopped_by_the_sweep_end_their_runs_as_their_last_results_say(tmp_path):
+    """Tune ends no trial it stops for the whole sweep through on_trial_complete: the callback ends
+    their runs at the experiment's end. The trial that had sent its test metrics is completed (as
+    the runner counts it, so it is not run again on --resume), the other interrupted; none is left
+    RUNNING. Real Ray Tune, real sqlite store."""
+    import ray
+
+    class StopAfterAFinalResult(tune.Stopper):
+        """What a lost tracking server or a Ctrl-C does to a sweep, at the worst moment: everything is
+        stopped right after a trial sent its final result, before it returned, while another runs."""
+
+        def __init__(self):
+            self.final, self.seen = False, set()
+
+        def __call__(self, trial_id, result) -> bool:
+            self.final, self.seen = self.final or "test_loss" in result, self.seen | {trial_id}
+            return False
+
+        def stop_all(self) -> bool:
+            return self.final and len(self.seen) == 2
+
+    def finishes_slowly(config):
+        tune.report({"step": 0, "val_loss": 1.0})
+        if config["job"]["fast"]:
+            tune.report({"step": 10, "val_loss": 0.5, "test_loss": 0.4, "test_acc": 0.9})
+        time.sleep(30)  # the final result is out; returning takes a while (a trial's last writes)
+
+    uri = tracking.default_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "sweep", {"a": 1}, {"sweep": "study"})
+    callback = tracking.MlflowCallback(uri, exp, parent, tmp_path / "outbox.json")
+    jobs = [{"tags": {"stage": "finetune", "arm": "scratch", "labels": n, "seed": 0, "cell": f"scratch/labels={n}"},
+             "train": {"lr": 0.1}, "fast": n == 10} for n in (10, 20)]
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tune.Tuner(finishes_slowly,
+                   param_space={"job": tune.grid_search(jobs)},
+                   run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), callbacks=[callback], stop=StopAfterAFinalResult(),
+                                             verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    runs = {r.data.tags["dlsweep.cell"]: r for r in MlflowClient(uri).search_runs([exp]) if r.info.run_id != parent}
+    assert runs["scratch/labels=10"].data.tags["dlsweep.outcome"] == "completed"
+    assert runs["scratch/labels=10"].info.status == "FINISHED"
+    assert runs["scratch/labels=20"].data.tags["dlsweep.outcome"] == "interrupted"
+    assert runs["scratch/labels=20"].info.status == "KILLED"
