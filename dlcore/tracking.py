@@ -28,13 +28,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per ended run
 
-import torch  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray import tune  # noqa: E402
 
-from . import plots
 from .store import first_line
 from .train import RESUME
 
@@ -329,6 +327,10 @@ class Outbox:
 def _log_artifacts(client: MlflowClient, run_id: str, checkpoint: str | None, title: str) -> None:
     """Best checkpoint files, the loss-curve plot and, for autoencoders, the reconstruction grid (a
     run that stopped before its end leaves out its restart state)."""
+    import torch  # here, not at the top: the driver's start does without matplotlib and scipy
+
+    from . import plots
+
     if checkpoint is not None and Path(checkpoint).is_dir():
         for f in sorted(Path(checkpoint).iterdir()):
             if f.is_file() and f.name != RESUME:

@@ -307,7 +307,7 @@ def test_a_trial_borrows_the_cores_no_trial_holds_and_gives_them_back():
     another trial takes it, 2 again when that one ends (Ray's accounting, read on a local Ray)."""
     import ray
 
-    from dlcore.runner import threads_for
+    from dlcore.trial import threads_for
 
     if ray.is_initialized():  # left by an earlier test
         ray.shutdown()
@@ -337,3 +337,17 @@ def test_a_trial_borrows_the_cores_no_trial_holds_and_gives_them_back():
         assert settles(first, 2)
     finally:
         ray.shutdown()
+
+
+def test_a_trial_actor_imports_what_training_needs_and_not_the_drivers_stack():
+    """Each trial actor imports dlcore.trial when it starts: torch, the core and Tune, not MLflow,
+    Optuna or the plotting stack (they cost a new actor seconds); the driver's tracking draws its
+    plots without importing matplotlib at start either."""
+    trial = subprocess.run([sys.executable, "-c", "import sys, dlcore.trial; print(sorted(m for m in "
+                            "('mlflow', 'optuna', 'matplotlib', 'scipy.stats', 'dlcore.runner') if m in sys.modules))"],
+                           cwd=ROOT, capture_output=True, text=True, check=True)
+    assert trial.stdout.strip() == "[]"
+    driver = subprocess.run([sys.executable, "-c", "import sys, dlcore.runner; print(sorted(m for m in "
+                             "('matplotlib', 'scipy.stats') if m in sys.modules))"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    assert driver.stdout.strip() == "[]"
