@@ -1,0 +1,62 @@
+"""The fixed costs of `dlsweep run`: command to the first trial's first step, last trial's end to exit.
+
+    DLSWEEP_DATA_DIR=../shared/data .venv/bin/python bench/bench_startup.py [--repeat 3]
+
+A sweep of one small MNIST trial (20 steps, evaluated after each) in a fresh store, run through the
+CLI as a user runs it. The first step's time is the arrival at the driver of the evaluation after
+the first step (the MLflow metric's timestamp); the end is the trial's MLflow run end. Run it on an otherwise idle machine: it measures wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+STEPS = 20
+
+
+def sweep(data_dir: str) -> dict:
+    return {"name": "bench_startup", "data": {"dataset": "mnist", "data_dir": data_dir, "val_size": 500},
+            "finetune": {"arms": {"scratch": {}}, "labels": [100], "steps": [STEPS], "seeds": [0], "samples": 1,
+                         "batch_size": 32, "eval_every": 1, "encoder_args": {"latent_dim": 8}},
+            "asha": {"enabled": False}}
+
+
+def once(data_dir: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, store = Path(tmp) / "bench_startup.yaml", Path(tmp) / "store"
+        path.write_text(yaml.safe_dump(sweep(data_dir)))
+        launched = time.time()
+        subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store)], check=True,
+                       stdout=subprocess.DEVNULL)
+        exited = time.time()
+        client = MlflowClient(f"sqlite:///{store.resolve()}/mlflow.db")
+        exp = client.get_experiment_by_name("bench_startup")
+        (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
+        first = min(m.timestamp for m in client.get_metric_history(run.info.run_id, "train_loss")) / 1000
+        return {"command to first step s": first - launched,
+                "last end to exit s": exited - run.info.end_time / 1000, "total s": exited - launched}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=os.environ.get("DLSWEEP_DATA_DIR", "../shared/data"))
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    runs = [once(str(Path(args.data_dir).resolve())) for _ in range(args.repeat)]
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        print(f"{key:>26}: median {statistics.median(values):5.1f}  ({', '.join(f'{v:.1f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
