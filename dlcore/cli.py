@@ -36,7 +36,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(_version_flag: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+def root(_version_flag: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
                                             help="Print the version and exit.")) -> None:
     """Data-efficiency sweeps: how many labels and steps does a model need, and what does pretraining buy?"""
 console = Console()
@@ -424,8 +424,11 @@ def main():
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     threading._shutdown()  # what Python's own exit does first: thread pools told to stop, threads joined
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (| head)
+            pass
     os._exit(code)
 
 

@@ -475,6 +475,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     the pretrain cache, for clusters whose nodes share no disk; a resumed sweep keeps its own."""
     console = console or Console()
     storage = storage.rstrip("/") if storage else None
+    ds = None if resume else check_all(sweep, source)  # a resumed sweep's spec is the one in its state
     if storage:
         trouble = store_problem(storage)
         if trouble:
@@ -502,7 +503,8 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         except ValidationError as e:  # saved by an older dlsweep whose rules were looser
             raise SpecError(format_validation_error(f"{state_path} (saved spec)", e)) from None
         tracking_uri = state["tracking_uri"]
-    ds = check_all(sweep, source)
+    if ds is None:
+        ds = check_all(sweep, source)
 
     joined = address or os.environ.get("RAY_ADDRESS")
     where = joined.removeprefix("ray://") if joined else None

@@ -398,6 +398,11 @@ class MlflowCallback(tune.Callback):
         self.outbox = Outbox(uri, outbox_path, background=True)
         self.open: set[str] = set()  # trials started here whose end is not logged yet
 
+    def __setstate__(self, state):
+        # Tuner.restore unpickles the callback of the tuner's start; one pickled by an older dlsweep has no ``open``.
+        self.__dict__.update(state)
+        self.__dict__.setdefault("open", set())
+
     def on_trial_start(self, iteration, trials, trial, **info):
         job = trial.config["job"]
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TAG + "trial_id": trial.trial_id,
@@ -443,9 +448,11 @@ class MlflowCallback(tune.Callback):
             return None
 
     def on_experiment_end(self, trials, **info):
-        # Trials the sweep stopped (Ctrl-C, a tracking server away too long) end without
-        # on_trial_complete. One stopped after its final result, test metrics and all, counts as
-        # completed for the runner as for Tune, so its run says so; the others were interrupted.
+        # Trials the sweep stopped (a tracking server away too long, Ctrl-C) end without
+        # on_trial_complete. One stopped after its final result, test metrics and all, is completed
+        # for the runner as for Tune, so its run says so; the others were interrupted. (After a
+        # Ctrl-C, Tune has saved its trials as running before this: --resume runs them again and
+        # their runs are replaced, as for any trial interrupted without a restart state.)
         for trial in trials:
             if trial.trial_id in self.open:
                 self._end(trial, outcome(trial.last_result))

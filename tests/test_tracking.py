@@ -113,3 +113,15 @@ def test_trials_stopped_by_the_sweep_end_their_runs_as_their_last_results_say(tm
     assert runs["scratch/labels=10"].info.status == "FINISHED"
     assert runs["scratch/labels=20"].data.tags["dlsweep.outcome"] == "interrupted"
     assert runs["scratch/labels=20"].info.status == "KILLED"
+
+
+def test_a_callback_pickled_by_an_older_dlsweep_is_restored_with_no_trial_open(tmp_path):
+    """Tuner.restore unpickles the callback pickled at the tuner's start: one from before the callback
+    kept its open trials has no such set, and gets an empty one."""
+    import pickle
+
+    uri = tracking.default_uri(tmp_path)
+    callback = tracking.MlflowCallback(uri, "0", "parent", tmp_path / "outbox.json")
+    del callback.open
+    restored = pickle.loads(pickle.dumps(callback))
+    assert restored.open == set() and restored.outbox.path == tmp_path / "outbox.json"
