@@ -58,8 +58,11 @@ def stored_finished(storage: str) -> set[str]:
              if Path(i.path).name.startswith("experiment_state-")]
     if not files:
         return set()
-    with store.open_input_stream(max(files)) as f:  # the names carry when each was started
-        trials = [json.loads(t[0]) for t in json.loads(f.read())["trial_data"]]
+    try:
+        with store.open_input_stream(max(files)) as f:  # the names carry when each was started
+            trials = [json.loads(t[0]) for t in json.loads(f.read())["trial_data"]]
+    except (OSError, ValueError):  # read while Tune was writing it: not yet
+        return set()
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
