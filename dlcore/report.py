@@ -123,6 +123,7 @@ def select(chosen: list[Trial]) -> list[Cell]:
 
 
 def _value(v) -> str:
+    """An MLflow param (always a string) as a number to 3 significant digits where it is one."""
     try:
         return f"{float(v):.3g}"
     except ValueError:
@@ -475,6 +476,7 @@ SETTING_SKIP = ("data_dir", "labels", "seed", "step_budgets", "init_encoder", "t
 
 
 def _setting(v) -> str:
+    """A typed setting of the sweep's spec as the file would write it (integers with thousands separators)."""
     if isinstance(v, bool) or v is None:
         return json.dumps(v)
     if isinstance(v, (int, float)):

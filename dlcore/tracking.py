@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -282,11 +283,15 @@ class Outbox:
         if continues and old:
             run, old = old[0], old[1:]
             run_id = run.info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            for key in (TAG + "outcome", TAG + "error"):  # what the stopped attempt ended with
-                if key in run.data.tags:
-                    self.client.delete_tag(run_id, key)
-            self.client.set_tag(run_id, TAG + "restarts", str(int(run.data.tags.get(TAG + "restarts", 0)) + 1))
+            attempt = tags.get(TAG + "attempt")
+            if attempt is None or run.data.tags.get(TAG + "attempt") != attempt:  # not this op sent again (a replay)
+                self.client.update_run(run_id, status="RUNNING")
+                for key in (TAG + "outcome", TAG + "error"):  # what the stopped attempt ended with
+                    if key in run.data.tags:
+                        self.client.delete_tag(run_id, key)
+                self.client.set_tag(run_id, TAG + "restarts", str(int(run.data.tags.get(TAG + "restarts", 0)) + 1))
+                if attempt is not None:
+                    self.client.set_tag(run_id, TAG + "attempt", attempt)
             # The trial reports again the evaluations after its checkpoint that the run already has.
             logged = {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in run.data.metrics}
         else:
@@ -364,6 +369,11 @@ LOGS_ARTIFACTS = ("completed", "stopped_early", "diverged")
 DOWNLOADED = "checkpoints-from-storage"  # beside the outbox: checkpoints copied from --storage to be logged
 
 
+def _restart_state(checkpoint) -> str:
+    """Where a Tune checkpoint of a running trial keeps train()'s restart state, in its own filesystem."""
+    return f"{checkpoint.path}/{RESUME}"
+
+
 def continues(checkpoint) -> bool:
     """Whether a trial that starts with this Tune checkpoint continues a run (train() resumes from it).
     Every checkpoint a running trial hands over holds the restart state, so a store that cannot be
@@ -373,7 +383,7 @@ def continues(checkpoint) -> bool:
     from pyarrow import fs
 
     try:
-        return checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{RESUME}").type != fs.FileType.NotFound
+        return checkpoint.filesystem.get_file_info(_restart_state(checkpoint)).type != fs.FileType.NotFound
     except Exception:  # noqa: BLE001
         return True
 
@@ -384,7 +394,7 @@ def drop_restart_state(checkpoint) -> None:
     if checkpoint is None:
         return
     try:
-        checkpoint.filesystem.delete_file(f"{checkpoint.path}/{RESUME}")
+        checkpoint.filesystem.delete_file(_restart_state(checkpoint))
     except Exception:  # noqa: BLE001 -- already gone (a finished run removes it), or a few megabytes left behind
         pass
 
@@ -406,6 +416,7 @@ class MlflowCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         job = trial.config["job"]
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TAG + "trial_id": trial.trial_id,
+                TAG + "attempt": uuid.uuid4().hex[:12],  # this start of the trial: a replayed op is not a restart
                 **{TAG + k: str(v) for k, v in job["tags"].items()},
                 MLFLOW_RUN_NAME: run_name(job["tags"]), "mlflow.note.content": short_name(job["tags"])}
         params = {**job["train"], **{f"cell.{k}": v for k, v in job["tags"].items()}}

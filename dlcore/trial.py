@@ -66,15 +66,16 @@ def threads_for(own: float, start: int):
         total = state.total_resources_per_node().get(node, {}).get("CPU", own)
     except Exception:  # noqa: BLE001 -- the GCS busy: no borrowing for this trial
         total = own
-    last = [start]
+    last = start
 
     def now() -> int:
+        nonlocal last
         try:
             free = state.available_resources_per_node().get(node, {}).get("CPU", 0.0)
         except Exception:  # noqa: BLE001 -- the GCS busy or gone: keep what it has
-            return last[0]
+            return last
         held = max(own, total - free)
-        last[0] = max(start, int(own + free * own / held + 1e-9))
-        return last[0]
+        last = max(start, int(own + free * own / held + 1e-9))
+        return last
 
     return now

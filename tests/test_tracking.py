@@ -15,13 +15,13 @@ def evaluations(steps, ts=0) -> list:
 def test_a_trial_continued_from_its_checkpoint_keeps_its_run_and_logs_each_evaluation_once(tmp_path):
     """A trial restarted from the checkpoint of step 20 (its node lost after it had reported step 40)
     reports steps 40..60 again: its run is the same, each step logged once, the final metrics kept,
-    the outcome of the stopped attempt cleared and the restart counted. One restarted from step 0
-    (no checkpoint) replaces its run."""
+    the outcome of the stopped attempt cleared and the restart counted, once even when a killed
+    driver's queue sends that start again. One restarted from step 0 (no checkpoint) replaces its run."""
     uri = tracking.default_uri(tmp_path)
     exp = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
     parent = tracking.start_parent(uri, exp, "sweep", {"a": 1}, {"sweep": "study"})
     box = tracking.Outbox(uri, tmp_path / "outbox.json")
-    tags = {"mlflow.parentRunId": parent, "dlsweep.trial_id": "t1"}
+    tags = {"mlflow.parentRunId": parent, "dlsweep.trial_id": "t1", "dlsweep.attempt": "a"}
     box.put("start", "t1", exp, parent, tags, {"lr": 0.1})
     first = box.runs["t1"]
     box.put("metrics", "t1", evaluations([0, 20, 40]))
@@ -29,7 +29,8 @@ def test_a_trial_continued_from_its_checkpoint_keeps_its_run_and_logs_each_evalu
     box.client.set_terminated(first, "KILLED")
 
     again = tracking.Outbox(uri, tmp_path / "outbox.json")  # a new driver
-    again.put("start", "t1", exp, parent, tags, {"lr": 0.1}, True)
+    restart = {**tags, "dlsweep.attempt": "b"}  # each start of a trial has an attempt id of its own
+    again.put("start", "t1", exp, parent, restart, {"lr": 0.1}, True)
     again.put("metrics", "t1", evaluations([40, 60]))
     again.put("metrics", "t1", [["test_loss", 0.5, 0, 60]])  # the final report
     client = MlflowClient(uri)
@@ -39,6 +40,13 @@ def test_a_trial_continued_from_its_checkpoint_keeps_its_run_and_logs_each_evalu
     assert sorted(m.step for m in client.get_metric_history(first, "val_loss")) == [0, 20, 40, 60]
     assert sorted(m.step for m in client.get_metric_history(first, "threads")) == [0, 20, 40, 60]
     assert run.data.metrics["test_loss"] == 0.5
+
+    replayed = tracking.Outbox(uri, tmp_path / "outbox.json")  # a driver killed before its queue file was trimmed
+    replayed.put("start", "t1", exp, parent, restart, {"lr": 0.1}, True)  # the same start sent again
+    assert replayed.runs["t1"] == first and client.get_run(first).data.tags["dlsweep.restarts"] == "1"
+    later = {**tags, "dlsweep.attempt": "c"}  # the trial's next start: a restart
+    replayed.put("start", "t1", exp, parent, later, {"lr": 0.1}, True)
+    assert client.get_run(first).data.tags["dlsweep.restarts"] == "2"
 
     again.put("start", "t1", exp, parent, tags, {"lr": 0.1}, False)  # from step 0: a fresh run
     assert again.runs["t1"] != first and client.get_run(first).info.lifecycle_stage == "deleted"
