@@ -44,6 +44,31 @@ def mlp_decoder(
     return nn.Sequential(*layers)
 
 
+class _FlattenKeepingFormat(torch.autograd.Function):
+    """``x.flatten(1)`` whose gradient comes back in ``x``'s memory format. nn.Flatten hands a
+    channels-last activation an NCHW gradient, and the ReLU before it then runs its backward on two
+    layouts at once, ~10x slower than on one (measured on the 2-core CPU: 4.6 ms against 0.4 ms for a
+    128x32x14x14 batch); one copy of the gradient into the activation's layout costs less."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return x.flatten(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.reshape(ctx.shape)
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
+
+
+class Flatten(nn.Flatten):
+    """nn.Flatten (same computation, no parameters) for conv features that may be channels-last."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _FlattenKeepingFormat.apply(x)
+
+
 def _conv_block(a: int, b: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(a, b, 3, stride, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
 
@@ -71,7 +96,7 @@ def conv_encoder(
         layers.append(_conv_block(prev, c, 2))
         prev = c
     flat = math.prod(_coarsest(image_shape, channels))
-    layers.append(nn.Flatten())
+    layers.append(Flatten())
     if fc_hidden:
         layers += [nn.Linear(flat, fc_hidden), nn.ReLU(inplace=True)]
         flat = fc_hidden

@@ -273,10 +273,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         groups.append({"params": list(model.encoder.parameters()), "lr": cfg.encoder_lr or cfg.lr})
     for g in groups:
         g["base_lr"] = g["lr"]
+    # One fused kernel per step instead of a dozen per parameter: ~1 ms of a ~17 ms step on the 2-core
+    # CPU for E2's classifier. Fused kernels exist for the CPU and CUDA, not for every device.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda") or None
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay, fused=fused)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'; known: ['adamw', 'sgd']")
 
 

@@ -62,3 +62,28 @@ def test_encoder_state_dict_roundtrip_weights_only(tmp_path):
     x = torch.rand(2, 1, 28, 28)
     enc.eval(), fresh.eval()
     assert torch.equal(enc(x), fresh(x))
+
+
+def test_conv_encoder_flatten_returns_gradients_in_the_activations_layout():
+    """The ReLU before the flatten gets its gradient in its own (channels-last) layout, and the
+    values are nn.Flatten's: same output, same gradient."""
+    leaf = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 8 * 5 * 5)
+    grads = {}
+
+    def run(flatten, key):
+        act = torch.relu(leaf)  # an activation, not a leaf: autograd hands it the gradient as computed
+        act.register_hook(lambda g: grads.__setitem__(key, g))
+        out = flatten(act)
+        (out * w).sum().backward()
+        return out
+
+    assert torch.equal(run(models.Flatten(), "ours"), run(torch.nn.Flatten(), "torch"))
+    assert grads["ours"].is_contiguous(memory_format=torch.channels_last) and not grads["ours"].is_contiguous()
+    assert not grads["torch"].is_contiguous(memory_format=torch.channels_last)  # what nn.Flatten gives
+    assert torch.equal(grads["ours"], grads["torch"])
+    plain = torch.randn(4, 8, 5, 5, requires_grad=True)
+    models.Flatten()(plain * 1).sum().backward()
+    assert plain.grad.is_contiguous()
+    enc = models.build_encoder("conv", (1, 28, 28), channels=[8, 16], latent_dim=4)
+    assert any(isinstance(m, models.Flatten) for m in enc.modules())

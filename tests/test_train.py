@@ -266,3 +266,16 @@ def test_a_trained_classifier_separates_digits_more_than_its_untrained_encoder(s
         stats[steps] = torch.load(tmp_path / str(steps) / "checkpoint" / "embeddings.pt", weights_only=True)
     assert stats[200]["separation"] > 1.5 * stats[1]["separation"]
     assert stats[200]["centroid_dist"].shape == (10, 10) and len(stats[200]["labels"]) == 1000  # the 1,000 test images
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_optimizers_use_fused_kernels_on_the_cpu(optimizer):
+    from dlcore.train import make_optimizer
+
+    model = models.Classifier(models.build_encoder("mlp", (1, 28, 28)), models.mlp_head(128, 10))
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
+    assert all(g["fused"] for g in opt.param_groups)
+    model(torch.rand(4, 1, 28, 28)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
