@@ -104,6 +104,16 @@ def conv_encoder(
     return _with_dim(nn.Sequential(*layers), latent_dim)
 
 
+def conv_features(encoder: nn.Module) -> nn.Module:
+    """``encoder`` (a ``conv_encoder``, weights and all) cut after its flatten: the conv feature map
+    its FC layers read, as a vector: where a linear probe of a small CNN reads most (E3's CPU profile)."""
+    cut = next((i for i, m in enumerate(encoder) if isinstance(m, Flatten)), None) if isinstance(encoder, nn.Sequential) else None
+    if cut is None:
+        raise ValueError("features 'conv' needs a conv encoder (conv blocks, a flatten, FC layers)")
+    fc = next(m for m in encoder[cut + 1 :] if isinstance(m, nn.Linear))
+    return _with_dim(encoder[: cut + 1], fc.in_features)
+
+
 def conv_decoder(
     image_shape: tuple[int, int, int],
     channels: tuple[int, ...] = (32, 64),

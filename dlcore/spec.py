@@ -39,6 +39,7 @@ NAME_CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "schedule": ("constant", "cosine"),
     "finetune": ("full", "frozen", "linear"),
+    "features": ("code", "conv"),
     "precision": ("auto", "fp32", "bf16"),
 }
 
@@ -555,8 +556,8 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
         if arm.from_:
             seeds = sweep.stage_seeds(arm.from_)
             source = pre[(arm.from_, seeds[ft.seeds.index(seed) % len(seeds)])].key
-        else:
-            train["finetune"] = "full"
+        else:  # from scratch: trained whole, unless the arm itself freezes its random encoder (a baseline)
+            train["finetune"] = arm.finetune or "full"
         cell = f"{arm_name}/labels={labels}/steps={steps}/seed={seed}"
         tags = {"stage": "finetune", "arm": arm_name, "labels": labels, "steps": steps, "seed": seed, "cell": cell,
                 "pretrained_from": arm.from_ or "", "validation": sweep.validation.protocol,
@@ -662,7 +663,8 @@ def plan(sweep: Sweep) -> dict:
         ],
         "pretrain_trials": len(pre),
         "finetune": None if not sweep.finetune else {
-            "arms": {k: (a.from_ or "scratch") for k, a in sweep.finetune.arms.items()},
+            "arms": {k: a.from_ or ("scratch" if (a.finetune or "full") == "full" else f"random init, {a.finetune}")
+                     for k, a in sweep.finetune.arms.items()},
             "labels": sweep.finetune.labels,
             "steps": sweep.finetune.steps,
             "seeds": sweep.finetune.seeds,

@@ -28,6 +28,10 @@ from .embeddings import embedding_stats
 
 OBJECTIVES = ("autoencoder", "simclr", "barlow", "classify", "decode")
 FINETUNE_MODES = ("full", "frozen", "linear")
+FEATURES = {  # what a classifier reads from its encoder
+    "code": "the encoder's output (the conv encoder's FC code, ResNet's pooled features, the MLP's last layer)",
+    "conv": "the conv encoder's last feature map, flattened: its input to the FC layers (a probe's usual layer)",
+}
 PRECISIONS = ("auto", "fp32", "bf16")
 VALIDATION = {  # how a classifier's checkpoint is selected, and which labels that reads
     "oracle": "the best checkpoint on a fixed split of val_size labelled images, outside the budget",
@@ -86,6 +90,7 @@ class TrainConfig:
     proj_hidden: int = 2048
     init_encoder: str | None = None  # path to an encoder state dict (pretrained)
     finetune: str = "full"  # full: train all; frozen: train the head; linear: frozen + linear head
+    features: str = "code"  # what the classifier reads: code (the encoder's output) or conv (see FEATURES)
     encoder_lr: float | None = None  # encoder's own learning rate in "full" mode; None: lr
     # optimisation
     steps: int = 500
@@ -131,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"unknown precision '{self.precision}'; known: {list(PRECISIONS)}")
         if self.finetune not in FINETUNE_MODES:
             raise ValueError(f"unknown finetune mode '{self.finetune}'; known: {list(FINETUNE_MODES)}")
+        if self.features not in FEATURES:
+            raise ValueError(f"unknown features '{self.features}'; known: {list(FEATURES)}")
+        if self.features == "conv" and (self.encoder != "conv" or self.objective != "classify"):
+            raise ValueError("features 'conv' is for classifiers on the conv encoder (its flattened feature map); "
+                             f"got objective '{self.objective}', encoder '{self.encoder}'")
         if self.objective == "decode" and not self.init_encoder:
             raise ValueError("objective 'decode' needs init_encoder (the encoder to decode from)")
         if self.metric is None:
@@ -250,6 +260,8 @@ def build_model(cfg: TrainConfig, ds: D.Dataset) -> nn.Module:
         return models.Autoencoder(encoder, decoder)
     if cfg.objective in ("simclr", "barlow"):
         return models.Siamese(encoder, models.projection_head(encoder.out_dim, cfg.proj_dim, cfg.proj_hidden))
+    if cfg.features == "conv":
+        encoder = models.conv_features(encoder)
     hidden = 0 if cfg.finetune == "linear" else cfg.head_hidden
     return models.Classifier(encoder, models.mlp_head(encoder.out_dim, ds.num_classes, hidden))
 
@@ -260,7 +272,9 @@ def uses_channels_last(cfg: TrainConfig) -> bool:
 
 
 def encoder_frozen(cfg: TrainConfig) -> bool:
-    return cfg.objective == "decode" or (cfg.objective == "classify" and cfg.init_encoder and cfg.finetune != "full")
+    """A decoder's encoder, and a classifier's outside 'full' mode: pretrained, or at its random
+    initialisation (a random-features baseline)."""
+    return cfg.objective == "decode" or (cfg.objective == "classify" and cfg.finetune != "full")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -87,3 +87,15 @@ def test_conv_encoder_flatten_returns_gradients_in_the_activations_layout():
     assert plain.grad.is_contiguous()
     enc = models.build_encoder("conv", (1, 28, 28), channels=[8, 16], latent_dim=4)
     assert any(isinstance(m, models.Flatten) for m in enc.modules())
+
+
+def test_conv_features_is_the_encoder_cut_after_its_flatten_with_the_same_weights():
+    enc = models.build_encoder("conv", (3, 32, 32), channels=[8, 16], latent_dim=5, fc_hidden=7)
+    feats = models.conv_features(enc)
+    assert feats.out_dim == 16 * 8 * 8
+    x = torch.rand(2, 3, 32, 32)
+    assert feats(x).shape == (2, 16 * 8 * 8)
+    assert torch.equal(enc[-1](enc[-2](enc[-3](feats(x)))), enc(x))  # the rest of the encoder is its FC layers
+    assert feats[0][0].weight is enc[0][0].weight
+    with pytest.raises(ValueError, match="conv encoder"):
+        models.conv_features(models.build_encoder("mlp", (1, 28, 28)))

@@ -177,6 +177,19 @@ def test_impossible_budget_fails_against_the_real_pool(tmp_path, mnist):
         S.check_budgets(sweep, mnist, "study.yaml")
 
 
+def test_a_scratch_arm_freezes_its_random_encoder_only_when_it_says_so(tmp_path):
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    raw["finetune"]["finetune"] = "linear"  # a grid-wide mode is for the arms that start from a stage
+    raw["finetune"]["arms"]["random"] = {"finetune": "linear", "features": "conv"}
+    cells = S.finetune_cells(S.load_sweep(write(tmp_path, raw)))
+    modes = {c.tags["arm"]: (c.train["finetune"], c.train.get("features", "code")) for c in cells}
+    assert modes == {"scratch": ("full", "code"), "pretrained": ("linear", "code"), "random": ("linear", "conv")}
+    raw["finetune"]["arms"]["random"]["encoder"] = "mlp"
+    sweep = S.load_sweep(write(tmp_path, raw))
+    with pytest.raises(S.SpecError, match="finetune.arms.random.*features 'conv'"):
+        S.check_jobs(sweep, "study.yaml")
+
+
 def test_mismatched_encoder_between_stage_and_arm_is_caught(tmp_path):
     sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.encoder_args.latent_dim=16"])
     with pytest.raises(S.SpecError, match="encoder"):

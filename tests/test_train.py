@@ -126,6 +126,27 @@ def test_finetune_modes_freeze_or_train_the_encoder(small, tmp_path, mode, chang
     assert ("head.weight" in head) == (mode == "linear")
 
 
+def test_linear_probe_on_conv_features_reads_the_flattened_map_and_keeps_the_encoder(small, tmp_path):
+    path = pretrained_encoder(small, tmp_path)  # conv encoder, default channels (32, 64): 64 x 7 x 7 before the FC
+    final = train(cfg(tmp_path / "probe", labels=100, init_encoder=path, finetune="linear", features="conv"), data=small)
+    state = models.load_state(str(tmp_path / "probe" / "checkpoint" / "model.pt"))
+    assert state["head.weight"].shape == (10, 64 * 7 * 7)
+    before, after = models.load_state(path), models.load_state(str(tmp_path / "probe" / "checkpoint" / "encoder.pt"))
+    assert set(after) < set(before)  # the conv blocks only: the FC layer is not read
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert 0.1 < final["test_acc"] <= 1.0
+    with pytest.raises(ValueError, match="features 'conv'"):
+        TrainConfig(encoder="mlp", features="conv")
+
+
+def test_a_linear_probe_without_a_pretrained_encoder_probes_its_random_initialisation(small, tmp_path):
+    train(cfg(tmp_path, labels=100, finetune="linear", seed=3), data=small)
+    torch.manual_seed(3)
+    init = models.build_encoder("conv", (1, 28, 28)).state_dict()
+    after = models.load_state(str(tmp_path / "checkpoint" / "encoder.pt"))
+    assert all(torch.equal(init[k], after[k]) for k in init)
+
+
 def test_decode_trains_a_decoder_on_a_frozen_encoder(small, tmp_path):
     path = pretrained_encoder(small, tmp_path)
     final = train(cfg(tmp_path / "dec", objective="decode", init_encoder=path), data=small)
