@@ -367,10 +367,10 @@ def _print_report(result: dict, name: str) -> None:
             t.add_row(r["arm"], f"{r['labels']:,}", str(r["steps"]), (r["steps_to_target"] or "-") + ci, r["reached_target"])
         console.print(t)
     if result["paired"]:
-        t = table("arm minus scratch, paired by seed (mean ± 95% CI)", "arm", "labels", "steps", "pairs", "Δ test acc",
-                  "Δ test loss")
+        t = table("pretrained arm minus its baseline, paired by seed (mean ± 95% CI)", "arm", "labels", "steps", "pairs",
+                  "Δ test acc", "Δ test loss")
         for p in result["paired"]:
-            t.add_row(p["arm"], f"{p['labels']:,}", str(p["steps"]), str(p["acc"].n), R.diff_text(p["acc"], "acc"),
+            t.add_row(f"{p['arm']} − {p['baseline']}", f"{p['labels']:,}", str(p["steps"]), str(p["acc"].n), R.diff_text(p["acc"], "acc"),
                       R.diff_text(p["loss"], "loss"))
         console.print(t)
     for stage, loss in sorted(result["stage_losses"].items()):

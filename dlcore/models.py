@@ -53,20 +53,23 @@ class _FlattenKeepingFormat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.shape = x.shape
-        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return x.flatten(1)
+        return x.flatten(1)  # a copy: the layouts differ
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.reshape(ctx.shape)
-        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
+        return grad.reshape(ctx.shape).contiguous(memory_format=torch.channels_last)
 
 
 class Flatten(nn.Flatten):
-    """nn.Flatten (same computation, no parameters) for conv features that may be channels-last."""
+    """nn.Flatten(start_dim=1) (same computation, no parameters) for conv features that may be channels-last."""
+
+    def __init__(self):
+        super().__init__()
 
     def forward(self, x: Tensor) -> Tensor:
-        return _FlattenKeepingFormat.apply(x)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return _FlattenKeepingFormat.apply(x)
+        return x.flatten(1)
 
 
 def _conv_block(a: int, b: int, stride: int) -> nn.Sequential:

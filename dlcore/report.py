@@ -152,8 +152,31 @@ def paired_differences(cells: list[Cell], baseline: str = BASELINE) -> list[dict
             continue
         acc = stats.paired_diff(c.by_seed("test_acc"), b.by_seed("test_acc"))
         loss = stats.paired_diff(c.by_seed("test_loss"), b.by_seed("test_loss"))
-        out.append({"arm": c.arm, "labels": c.labels, "steps": c.steps, "acc": acc, "loss": loss})
+        out.append({"arm": c.arm, "baseline": baseline, "labels": c.labels, "steps": c.steps, "acc": acc, "loss": loss})
     return out
+
+
+def pretrained_arms(spec, trials: list) -> set[str]:
+    """Arms that start from a stage (by the sweep's spec, else by the trials' tags). The others are
+    scratch and, where an arm freezes its encoder untrained, random-initialisation baselines."""
+    if spec is not None and spec.finetune is not None:
+        return {name for name, arm in spec.finetune.arms.items() if arm.from_}
+    return {t.arm for t in trials if t.source}
+
+
+def same_head(spec, arm: str, baseline: str) -> bool:
+    """Whether ``arm`` trains what ``baseline`` trains (fine-tune mode and the features read); unknown
+    without the sweep's spec, so then every pretrained arm is compared."""
+    if spec is None or spec.finetune is None:
+        return True
+    a, b = spec.finetune.arms.get(arm), spec.finetune.arms.get(baseline)
+    if a is None or b is None:
+        return False
+
+    def head(x) -> tuple[str, str]:
+        return x.finetune or spec.finetune.finetune or "full", x.features or spec.finetune.features or "code"
+
+    return head(a) == head(b)
 
 
 def label_efficiency(cells: list[Cell], arm: str, baseline: str = BASELINE) -> list[dict]:
@@ -333,12 +356,16 @@ def grid_downstream(points: list[dict], chosen: list[Trial]) -> dict[str, dict[i
     return out
 
 
-def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float | None) -> list[str]:
+def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float | None,
+                     pretrained: set[str] | None = None) -> list[str]:
     """The trade pretraining makes: each stage's cost (paid once, on unlabelled images) beside the
     fine-tune steps each pretrained arm needs to reach ``target`` against scratch at the same labels
-    (the longest step budget's curves), as images processed (steps x batch)."""
+    (the longest step budget's curves), as images processed (steps x batch). ``pretrained``: the arms
+    that start from a stage (default: those whose trials name one)."""
     if not stages or not cells:
         return []
+    if pretrained is None:
+        pretrained = {c.arm for c in cells if any(t.source for t in c.trials)}
     lines = ["## Compute: pretraining paid once, fine-tune steps saved", "",
              "Images processed = optimizer steps x batch size, a hardware-free measure of compute (a pretraining "
              "step and a fine-tune step of the same encoder cost about the same per image).", "",
@@ -375,7 +402,7 @@ def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float
             images = stats.fmt(est.point.scaled(batch))
             saved, back = "", ""
             source = c.trials[0].source
-            if arm != BASELINE and base_est:
+            if arm in pretrained and base_est:  # not a random-init baseline: it pays for no stage
                 a, b = est.point.scaled(batch), base_est[0].point.scaled(_batch(base.trials[0].params))
                 if a.kind == "above" and b.kind == "above":
                     saved = "neither reached it"
@@ -669,8 +696,11 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         grid_md += grid_markdown(base, points, downstream)
 
     rows = summary_rows(cells, target, searched)
-    paired = paired_differences(cells)
-    efficiency = [e for arm in arms if arm != BASELINE and BASELINE in arms for e in label_efficiency(cells, arm)]
+    pretrained = pretrained_arms(spec, trials)
+    paired = [p for p in paired_differences(cells) if p["arm"] in pretrained]
+    paired_random = [p for r in sorted(set(arms) - pretrained - {BASELINE}) for p in paired_differences(cells, r)
+                     if p["arm"] in pretrained and same_head(spec, p["arm"], r)]
+    efficiency = [e for arm in arms if arm in pretrained and BASELINE in arms for e in label_efficiency(cells, arm)]
     counts, problems = trial_outcomes(runs)
     blocked = blocked_cells(parent_run, spec, runs, expected)
     present = {f"{t.arm}/labels={t.budget}/steps={t.steps}/seed={t.seed}" for t in trials if t.outcome == "completed"}
@@ -707,6 +737,11 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         md += ["## Pretrained minus scratch, paired by seed", "", "Same labels, steps and seed (hence the same labelled "
                "images): mean of the per-seed differences ± half-width of its 95% Student-t interval.", "",
                _paired_markdown(paired), ""]
+    if paired_random:
+        md += ["## Pretrained minus random initialisation, paired by seed", "", "Each pretrained arm against the arm "
+               "that trains the same head the same way on the same encoder at its random initialisation (same labels, "
+               "steps and seed): what the pretraining bought that arm. Mean of the per-seed differences ± half-width of "
+               "its 95% Student-t interval.", "", _paired_markdown(paired_random), ""]
     if efficiency:
         md += ["## Label efficiency", "", "Labels the scratch arm needs to match each pretrained budget's mean test "
                "accuracy (linear interpolation in log(labels) between the scratch budgets), as a multiple of that budget; "
@@ -729,12 +764,12 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             cols.append(f"{m['test_acc']:.2%}" if "test_acc" in m else "-")
             md.append(f"| {name} | {run.data.tags.get(TAG + 'objective', '?')} | " + " | ".join(cols) + " |")
         md.append("")
-    md += compute_markdown(stages, cells, target) if finetuned else []
+    md += compute_markdown(stages, cells, target, pretrained) if finetuned else []
     md += grid_md + embeddings_markdown(embeddings)
     md += settings_markdown(spec) if spec is not None else []
     md += ["## Trials", "", _trials_markdown(counts, problems), ""]
     (out / "report.md").write_text("\n".join(md))
-    return {"parent": parent, "cells": cells, "rows": rows, "paired": paired, "efficiency": efficiency, "missing": missing,
+    return {"parent": parent, "cells": cells, "rows": rows, "paired": paired + paired_random, "efficiency": efficiency, "missing": missing,
             "blocked": blocked, "outcomes": counts, "problems": problems, "failed": counts.get("finetune", Counter())["failed"],
             "figures": [f for f, _ in figures], "target": target, "finetuned": finetuned, "stage_losses": losses}
 
@@ -906,7 +941,7 @@ def diff_text(p: stats.Paired, kind: str) -> str:
 def _paired_markdown(paired: list[dict]) -> str:
     lines = ["| arm | labels | steps | seed pairs | Δ test acc (95% CI) | Δ test loss (95% CI) |", "|" + " --- |" * 6]
     for p in paired:
-        lines.append(f"| {p['arm']} − scratch | {p['labels']} | {p['steps']} | {p['acc'].n} | "
+        lines.append(f"| {p['arm']} − {p['baseline']} | {p['labels']} | {p['steps']} | {p['acc'].n} | "
                      f"{diff_text(p['acc'], 'acc')} | {diff_text(p['loss'], 'loss')} |")
     return "\n".join(lines)
 

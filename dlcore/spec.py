@@ -44,6 +44,9 @@ NAME_CHOICES = {
 }
 
 
+ARM_CHOICES = {"finetune", "features"}  # what an arm trains: set per arm, never searched
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -141,6 +144,9 @@ class StageSpec(Params):
     def _consistent(self):
         if self.objective == "decode" and not self.from_:
             raise At("from", "a decode stage needs 'from': the stage whose encoder it decodes")
+        if self.features not in (None, "code"):
+            raise At("features", "is for fine-tune arms: a stage's encoder is cached whole, for the stages and arms "
+                                 "that start from it")
         problem = model_args_problem(self.set_values(), self.objective)
         if problem:
             raise At(*problem, also=("encoder",))
@@ -186,7 +192,10 @@ class FinetuneSpec(Params):
     def _searchable(cls, v):
         unknown = sorted(set(v) - set(PARAM_FIELDS))
         if unknown:
-            raise ValueError(f"cannot search {unknown}; searchable: {sorted(PARAM_FIELDS)}")
+            raise ValueError(f"cannot search {unknown}; searchable: {sorted(set(PARAM_FIELDS) - ARM_CHOICES)}")
+        chosen = sorted(set(v) & ARM_CHOICES)
+        if chosen:
+            raise At(chosen[0], "is what an arm is, not a hyperparameter: make one arm per value")
         for key, dist in v.items():
             problem = dist.outside(key)
             if problem:

@@ -346,8 +346,11 @@ def objective_loss(model: nn.Module, inputs: tuple, y: Tensor, cfg: TrainConfig)
 
 def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
     model.train()
-    if encoder_frozen(cfg):
-        model.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
+    if encoder_frozen(cfg) and cfg.init_encoder:
+        model.encoder.eval()  # a frozen pretrained encoder keeps its BatchNorm statistics
+    # A frozen encoder at its random initialisation keeps BatchNorm in training mode: its statistics,
+    # never fitted, are fitted to the data (its weights stay as drawn), or its features would reach
+    # the head unnormalised, ~12x too small in E3's CNN, a baseline set up to lose.
 
 
 @torch.inference_mode()

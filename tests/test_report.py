@@ -521,3 +521,29 @@ def test_the_settings_table_says_what_each_stage_and_arm_trained_with():
     assert "`simclr`: random resized crop (area 0.2-1" in md and "`crop_flip`: random crop" in md
     full = load_sweep(Path(__file__).parents[1] / "sweeps" / "barlow_cifar10.yaml")
     assert "| lr | 0.3 | searched | searched |" in "\n".join(R.settings_markdown(full))  # finetune.search: lr
+
+
+def test_a_random_init_probe_is_the_baseline_of_the_probes_not_a_pretrained_arm(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    client = MlflowClient(uri)
+    raw = {**SPEC, "name": "probes", "finetune": {**SPEC["finetune"], "labels": [100], "search": {}, "samples": 1, "arms": {
+        "scratch": {}, "linear": {"from": "ae", "finetune": "linear", "features": "conv"},
+        "random": {"finetune": "linear", "features": "conv"}, "full": {"from": "ae"}}}}
+    spec = Sweep.model_validate(raw).model_dump(mode="json", by_alias=True)
+    exp = tracking.ensure_experiment(uri, "probes", tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "sweep", spec, {"sweep": "probes", "sampler": "sobol-tpe"})
+    accs = {"scratch": [0.70, 0.72, 0.74], "linear": [0.80, 0.81, 0.82], "random": [0.60, 0.60, 0.61], "full": [0.9] * 3}
+    for arm, values in accs.items():
+        for seed, acc in enumerate(values):
+            add_run(client, exp, parent, {"stage": "finetune", "arm": arm, "labels": 100, "steps": 200, "seed": seed,
+                                          "cell": f"{arm}/labels=100/steps=200/seed={seed}", "outcome": "completed"},
+                    [("val_acc", acc, 200), ("best_val_acc", acc, 200), ("test_acc", acc, 200), ("test_loss", 1 - acc, 200)])
+    result = R.build(client, "probes", tmp_path / "out")
+    paired = {(p["arm"], p["baseline"]): p["acc"].mean for p in result["paired"]}
+    # the random-init probe is compared with the probe that trains the same head, and with nothing else
+    assert paired == pytest.approx({("linear", "scratch"): 0.09, ("full", "scratch"): 0.18,
+                                    ("linear", "random"): (0.20 + 0.21 + 0.21) / 3})
+    assert {e["arm"] for e in result["efficiency"]} <= {"linear", "full"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Pretrained minus random initialisation, paired by seed" in md and "| linear − random | 100 |" in md
+    assert "random − scratch" not in md

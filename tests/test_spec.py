@@ -190,6 +190,20 @@ def test_a_scratch_arm_freezes_its_random_encoder_only_when_it_says_so(tmp_path)
         S.check_jobs(sweep, "study.yaml")
 
 
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["finetune"]["search"].update(finetune={"choice": ["full", "linear"]}),
+     "finetune.search.finetune: is what an arm is, not a hyperparameter"),
+    (lambda r: r["finetune"]["search"].update(features={"choice": ["code", "conv"]}),
+     "finetune.search.features: is what an arm is"),
+    (lambda r: r["pretrain"]["ae"].update(features="conv"), "pretrain.ae.features: is for fine-tune arms"),
+])
+def test_what_an_arm_trains_is_set_per_arm(tmp_path, mutate, message):
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    mutate(raw)
+    with pytest.raises(S.SpecError, match=message):
+        S.load_sweep(write(tmp_path, raw))
+
+
 def test_mismatched_encoder_between_stage_and_arm_is_caught(tmp_path):
     sweep = S.load_sweep(write(tmp_path, MINIMAL), ["finetune.encoder_args.latent_dim=16"])
     with pytest.raises(S.SpecError, match="encoder"):

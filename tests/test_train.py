@@ -140,11 +140,14 @@ def test_linear_probe_on_conv_features_reads_the_flattened_map_and_keeps_the_enc
 
 
 def test_a_linear_probe_without_a_pretrained_encoder_probes_its_random_initialisation(small, tmp_path):
+    """Its weights stay as drawn; its BatchNorm statistics, never fitted, are fitted to the data."""
     train(cfg(tmp_path, labels=100, finetune="linear", seed=3), data=small)
     torch.manual_seed(3)
     init = models.build_encoder("conv", (1, 28, 28)).state_dict()
     after = models.load_state(str(tmp_path / "checkpoint" / "encoder.pt"))
-    assert all(torch.equal(init[k], after[k]) for k in init)
+    stats = {k for k in init if "running_" in k or "num_batches" in k}
+    assert stats and all(torch.equal(init[k], after[k]) for k in set(init) - stats)
+    assert not torch.equal(init["0.1.running_var"], after["0.1.running_var"])
 
 
 def test_decode_trains_a_decoder_on_a_frozen_encoder(small, tmp_path):
