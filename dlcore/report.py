@@ -164,19 +164,16 @@ def pretrained_arms(spec, trials: list) -> set[str]:
     return {t.arm for t in trials if t.source}
 
 
-def same_head(spec, arm: str, baseline: str) -> bool:
-    """Whether ``arm`` trains what ``baseline`` trains (fine-tune mode and the features read); unknown
-    without the sweep's spec, so then every pretrained arm is compared."""
+def random_baselines(spec, pretrained: set[str]) -> dict[str, list[str]]:
+    """Each arm that freezes an untrained encoder (no stage, a mode other than 'full'), with the
+    pretrained arms that train the same head on it; none without the sweep's spec, which says so."""
     if spec is None or spec.finetune is None:
-        return True
-    a, b = spec.finetune.arms.get(arm), spec.finetune.arms.get(baseline)
-    if a is None or b is None:
-        return False
+        return {}
+    from .spec import arm_heads
 
-    def head(x) -> tuple[str, str]:
-        return x.finetune or spec.finetune.finetune or "full", x.features or spec.finetune.features or "code"
-
-    return head(a) == head(b)
+    heads = arm_heads(spec)
+    return {r: sorted(a for a in pretrained if heads.get(a) == head) for r, head in sorted(heads.items())
+            if r not in pretrained and head[0] != "full"}
 
 
 def label_efficiency(cells: list[Cell], arm: str, baseline: str = BASELINE) -> list[dict]:
@@ -698,8 +695,8 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
     rows = summary_rows(cells, target, searched)
     pretrained = pretrained_arms(spec, trials)
     paired = [p for p in paired_differences(cells) if p["arm"] in pretrained]
-    paired_random = [p for r in sorted(set(arms) - pretrained - {BASELINE}) for p in paired_differences(cells, r)
-                     if p["arm"] in pretrained and same_head(spec, p["arm"], r)]
+    paired_random = [p for r, same in random_baselines(spec, pretrained).items() for p in paired_differences(cells, r)
+                     if p["arm"] in same]
     efficiency = [e for arm in arms if arm in pretrained and BASELINE in arms for e in label_efficiency(cells, arm)]
     counts, problems = trial_outcomes(runs)
     blocked = blocked_cells(parent_run, spec, runs, expected)

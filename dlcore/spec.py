@@ -583,6 +583,11 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
     return cells
 
 
+def arm_heads(sweep: Sweep) -> dict[str, tuple[str, str]]:
+    """Each arm's fine-tune mode and the features its head reads, as its cells train them."""
+    return {c.tags["arm"]: (c.train.get("finetune", "full"), c.train.get("features", "code")) for c in finetune_cells(sweep)}
+
+
 def _error(sweep: Sweep, source: str, key: str, problem: str, also: tuple[str, ...] = ()) -> SpecError:
     return SpecError(f"{origin(source, sweep._overrides, key, *also)}: {key}: {problem}")
 
