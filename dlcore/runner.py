@@ -322,6 +322,12 @@ def _tune_storage(where: str) -> tuple:
     return cache.filesystem(where)[::-1] if cache.is_uri(where) else (where, None)
 
 
+def _storage_fs(where: str | None):
+    """The pyarrow filesystem of an object-store ``where`` (None for a local path or none): where the
+    outbox finds the checkpoints of trials that ended."""
+    return _tune_storage(where)[1] if where else None
+
+
 def _trainable(data: dict, resources: dict):
     return tune.with_resources(tune.with_parameters(run_trial, data=data), resources)
 
@@ -438,7 +444,7 @@ def _open_sweep(sweep: Sweep, source: str, uri: str, experiment_id: str, storage
     resume = state is not None
     if resume:
         console.print(f"resuming {sweep.name} (run {state['stamp']})")
-        outbox = tracking.Outbox(uri, paths.outbox(sweep.name))
+        outbox = tracking.Outbox(uri, paths.outbox(sweep.name), storage_fs=_storage_fs(paths.storage))
         if outbox.pending:
             sent = len(outbox.pending)
             outbox.flush()
@@ -649,7 +655,7 @@ class Study:
                      if sweep.asha.enabled else FIFOScheduler())
         path, fs = _tune_storage(self.storage)
         mlflow_cb = tracking.MlflowCallback(self.uri, self.state["experiment_id"], self.state["parent_run_id"],
-                                            self.paths.outbox(self.state["name"]))
+                                            self.paths.outbox(self.state["name"]), fs)
         return tune.Tuner(
             self.trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -669,7 +675,8 @@ class Study:
         self.ctrl_c = self.ctrl_c or bool(seen)
         self.results[name] = list(grid)
         tracking.Outbox.close_all()
-        outbox = tracking.Outbox(self.uri, self.paths.outbox(self.state["name"]))  # what the callback could not send
+        outbox = tracking.Outbox(self.uri, self.paths.outbox(self.state["name"]),  # what the callback could not send
+                                 storage_fs=_storage_fs(self.storage))
         if not outbox.flush():
             self.tracking_lost = True
             self.console.print(f"[red]the tracking server {self.uri} has been unreachable for over "

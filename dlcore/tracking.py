@@ -142,10 +142,13 @@ class Outbox:
 
     ``background``: ``put`` only queues, and a thread of its own sends. Logging a trial's end (its
     checkpoint, plots drawn from its curves) takes ~0.6 s; done in Tune's loop, it held back the
-    next trial's start on the freed cores for as long."""
+    next trial's start on the freed cores for as long. ``storage_fs``: the pyarrow filesystem of
+    Tune's storage (None: local paths), where the checkpoint paths of "end" operations live; a
+    checkpoint in an object store is copied here by the sending thread too, not by Tune's loop."""
 
-    def __init__(self, uri: str, path: Path, patience_s: float | None = None, background: bool = False):
-        self.uri, self.path, self.background = uri, Path(path), background
+    def __init__(self, uri: str, path: Path, patience_s: float | None = None, background: bool = False,
+                 storage_fs=None):
+        self.uri, self.path, self.background, self.storage_fs = uri, Path(path), background, storage_fs
         self.patience_s = patience_s if patience_s is not None else float(os.environ.get("DLSWEEP_TRACKING_PATIENCE_S", 600))
         self.pending: list = []
         self.runs: dict[str, str] = {}  # trial_id -> MLflow run id
@@ -178,6 +181,7 @@ class Outbox:
         # A callback restored by Tuner.restore comes from a pickle taken when the sweep began:
         # what was queued since lives in the file.
         self.__dict__.update(state)
+        self.__dict__.setdefault("storage_fs", None)  # pickled by a dlsweep whose callback fetched checkpoints itself
         self._client = None
         self._locks()
         self._load()
@@ -316,10 +320,14 @@ class Outbox:
             self.client.log_batch(self.runs[trial_id], metrics=fresh)
 
     def _end(self, trial_id: str, result: str, tags: dict, checkpoint: str | None, title: str, error_file: str | None) -> None:
+        """A trial's end: its tags, and for a trial that ended for good its last checkpoint (``checkpoint``,
+        a path in ``storage_fs``) rid of its restart state and logged with the plots, then its status."""
         run_id = self.runs[trial_id]
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         if result in LOGS_ARTIFACTS:
+            if checkpoint is not None:
+                checkpoint = self._local(checkpoint, trial_id)
             _log_artifacts(self.client, run_id, checkpoint, title)
         if error_file and Path(error_file).exists():
             self.client.log_artifact(run_id, error_file)
@@ -327,6 +335,26 @@ class Outbox:
         self.client.set_terminated(run_id, status)
         if checkpoint and Path(checkpoint).parent.name == DOWNLOADED:  # a copy from the object store: done with
             shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def _local(self, checkpoint: str, trial_id: str) -> str | None:
+        """The checkpoint (a path in ``storage_fs``) rid of its restart state, as a folder here: one in an
+        object store is copied next to the queue's file first (and removed once its artifacts are
+        logged). A checkpoint that cannot be had is warned about and left out: the run is still
+        logged, and the queue behind it is not held up as if the tracking server were away."""
+        from pyarrow import fs
+
+        if Path(checkpoint).parent.name == DOWNLOADED and Path(checkpoint).is_dir():
+            return checkpoint  # queued by a dlsweep whose callback had copied it already
+        try:
+            ckpt = tune.Checkpoint(checkpoint, self.storage_fs)
+            drop_restart_state(ckpt)
+            if isinstance(ckpt.filesystem, fs.LocalFileSystem):
+                return ckpt.path
+            return ckpt.to_directory(str(self.path.parent / DOWNLOADED / trial_id))
+        except Exception as e:  # noqa: BLE001 -- pyarrow and the stores raise many kinds
+            print(f"warning: could not fetch {trial_id}'s checkpoint {checkpoint} ({first_line(e)}); its run is logged "
+                  "without it", file=sys.stderr, flush=True)
+            return None
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, checkpoint: str | None, title: str) -> None:
@@ -403,9 +431,9 @@ class MlflowCallback(tune.Callback):
     """Logs every trial as a child run of the sweep's parent run, through an ``Outbox``; a restarted
     trial continues its run (from its checkpoint) or replaces it (from step 0), never duplicates it."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, outbox_path: Path):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, outbox_path: Path, storage_fs=None):
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
-        self.outbox = Outbox(uri, outbox_path, background=True)
+        self.outbox = Outbox(uri, outbox_path, background=True, storage_fs=storage_fs)
         self.open: set[str] = set()  # trials started here whose end is not logged yet
 
     def __setstate__(self, state):
@@ -434,29 +462,14 @@ class MlflowCallback(tune.Callback):
         self._end(trial, "failed", {TAG + "error": error_line(trial)}, trial.error_file)
 
     def _end(self, trial, result: str, tags: dict | None = None, error_file: str | None = None) -> None:
-        if result in LOGS_ARTIFACTS:
-            drop_restart_state(trial.checkpoint)
-        checkpoint = self._local(trial) if result in LOGS_ARTIFACTS else None
+        # Only the checkpoint's path: the outbox's thread deletes its restart state and copies it from an
+        # object store, work that held back Tune's loop (and the next trial's start) when done here.
+        checkpoint = trial.checkpoint.path if result in LOGS_ARTIFACTS and trial.checkpoint is not None else None
+        if checkpoint is not None and self.outbox.storage_fs is None:  # restored from an older dlsweep's pickle
+            self.outbox.storage_fs = trial.checkpoint.filesystem
         tags = {TAG + "outcome": result, **(tags or {})}
         self.open.discard(trial.trial_id)
         self.outbox.put("end", trial.trial_id, result, tags, checkpoint, short_name(trial.config["job"]["tags"]), error_file)
-
-    def _local(self, trial) -> str | None:
-        """The trial's checkpoint as a folder here: in an object store (--storage) it is copied next to
-        the outbox first, and removed once its artifacts are logged."""
-        ckpt = trial.checkpoint
-        if ckpt is None:
-            return None
-        from pyarrow import fs
-
-        if isinstance(ckpt.filesystem, fs.LocalFileSystem):
-            return ckpt.path
-        try:
-            return ckpt.to_directory(str(self.outbox.path.parent / DOWNLOADED / trial.trial_id))
-        except Exception as e:  # noqa: BLE001 -- the run is still logged, without its checkpoint
-            print(f"warning: could not copy {trial.trial_id}'s checkpoint from the object store ({first_line(e)}); its run is "
-                  "logged without it", file=sys.stderr, flush=True)
-            return None
 
     def on_experiment_end(self, trials, **info):
         # Trials the sweep stopped (a tracking server away too long, Ctrl-C) end without

@@ -131,5 +131,42 @@ def test_a_callback_pickled_by_an_older_dlsweep_is_restored_with_no_trial_open(t
     uri = tracking.default_uri(tmp_path)
     callback = tracking.MlflowCallback(uri, "0", "parent", tmp_path / "outbox.json")
     del callback.open
+    del callback.outbox.storage_fs
     restored = pickle.loads(pickle.dumps(callback))
     assert restored.open == set() and restored.outbox.path == tmp_path / "outbox.json"
+    assert restored.outbox.storage_fs is None  # its trials' checkpoints: their own filesystem, at their end
+
+
+def test_a_trial_end_logs_its_checkpoint_from_the_storage_without_its_restart_state(tmp_path):
+    """The "end" operation gets only the checkpoint's path in Tune's storage; the outbox (on its own
+    thread in a sweep) deletes the restart state there, copies a checkpoint that is not on a local
+    filesystem next to its queue, logs it, and removes the copy. An object store stands in as a
+    pyarrow filesystem that is not LocalFileSystem (a subtree of a folder)."""
+    from pyarrow import fs
+
+    uri = tracking.default_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "sweep", {"a": 1}, {"sweep": "study"})
+    bucket = tmp_path / "bucket"
+    for where, storage_fs, trial in [(tmp_path / "local", None, "t1"),
+                                     (bucket, fs.SubTreeFileSystem(str(bucket), fs.LocalFileSystem()), "t2")]:
+        ckpt = where / "ray" / trial / "checkpoint_000003"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.pt").write_bytes(b"weights")
+        (ckpt / tracking.RESUME).write_bytes(b"weights and optimizer")
+        box = tracking.Outbox(uri, tmp_path / "sweeps" / "outbox.json", storage_fs=storage_fs)
+        box.put("start", trial, exp, parent, {"mlflow.parentRunId": parent, "dlsweep.trial_id": trial}, {"lr": 0.1})
+        path = str(ckpt) if storage_fs is None else f"ray/{trial}/checkpoint_000003"
+        box.put("end", trial, "completed", {"dlsweep.outcome": "completed"}, path, trial, None)
+        run = MlflowClient(uri).get_run(box.runs[trial])
+        assert run.info.status == "FINISHED" and run.data.tags["dlsweep.outcome"] == "completed"
+        logged = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "checkpoint")}
+        assert logged == {"checkpoint/model.pt"}, logged
+        assert not (ckpt / tracking.RESUME).exists() and (ckpt / "model.pt").exists()
+        assert not (tmp_path / "sweeps" / tracking.DOWNLOADED / trial).exists()
+    # A checkpoint that cannot be had (gone from the store) is left out, with a warning: the run still
+    # ends, and the queue is not held up as if the tracking server were away.
+    box.put("start", "t3", exp, parent, {"mlflow.parentRunId": parent, "dlsweep.trial_id": "t3"}, {"lr": 0.1})
+    box.put("end", "t3", "completed", {"dlsweep.outcome": "completed"}, "ray/t3/checkpoint_000001", "t3", None)
+    assert not box.pending and MlflowClient(uri).get_run(box.runs["t3"]).info.status == "FINISHED"
+    assert not MlflowClient(uri).list_artifacts(box.runs["t3"], "checkpoint")
