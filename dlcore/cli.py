@@ -6,7 +6,6 @@ import atexit
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -414,22 +413,30 @@ def ui(
 def main():
     """The ``dlsweep`` program. Once a command has returned and the exit handlers have run, the
     process ends without the interpreter's teardown: freeing torch's and Ray's modules and objects
-    one by one took ~2 s after every sweep, and nothing is left to write by then."""
+    one by one took ~2 s after every sweep, and nothing is left to write by then. The interpreter's
+    own exit stops the threads and runs the handlers (Ray's, MLflow's: imported by the commands, so
+    registered later and run earlier); the one registered here, first, runs last and ends the
+    process (a handler registered before it, by an import of this module's or a sitecustomize,
+    would be skipped: none is today)."""
+    status = [1]  # an exception out of app() ends the process with 1, after its traceback
+
+    def end_now() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away (| head), a stream closed
+                pass
+        os._exit(status[0])
+
+    atexit.register(end_now)
     try:
         app()
-        code = 0
+        status[0] = 0
     except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    threading._shutdown()  # what Python's own exit does first: thread pools told to stop, threads joined
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except OSError:  # a reader that went away (| head)
-            pass
-    os._exit(code)
+        status[0] = e.code if isinstance(e.code, int) else int(e.code is not None)
+    sys.exit(status[0])
 
 
 if __name__ == "__main__":
