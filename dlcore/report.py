@@ -169,9 +169,9 @@ def random_baselines(spec, pretrained: set[str]) -> dict[str, list[str]]:
     pretrained arms that train the same head on it; none without the sweep's spec, which says so."""
     if spec is None or spec.finetune is None:
         return {}
-    from .spec import arm_heads
+    from .spec import arm_heads, finetune_cells
 
-    heads = arm_heads(spec)
+    heads = arm_heads(finetune_cells(spec))
     return {r: sorted(a for a in pretrained if heads.get(a) == head) for r, head in sorted(heads.items())
             if r not in pretrained and head[0] != "full"}
 

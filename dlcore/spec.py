@@ -583,9 +583,9 @@ def finetune_cells(sweep: Sweep) -> list[Job]:
     return cells
 
 
-def arm_heads(sweep: Sweep) -> dict[str, tuple[str, str]]:
-    """Each arm's fine-tune mode and the features its head reads, as its cells train them."""
-    return {c.tags["arm"]: (c.train.get("finetune", "full"), c.train.get("features", "code")) for c in finetune_cells(sweep)}
+def arm_heads(cells: list[Job]) -> dict[str, tuple[str, str]]:
+    """Each arm's fine-tune mode and the features its head reads, as its cells (``finetune_cells``) train them."""
+    return {c.tags["arm"]: (c.train.get("finetune", "full"), c.train.get("features", "code")) for c in cells}
 
 
 def _error(sweep: Sweep, source: str, key: str, problem: str, also: tuple[str, ...] = ()) -> SpecError:
@@ -666,6 +666,7 @@ def plan(sweep: Sweep) -> dict:
     pre = pretrain_jobs(sweep)
     cells = finetune_cells(sweep)
     trials = sum(c.samples for c in cells)
+    heads = arm_heads(cells)
     return {
         "name": sweep.name,
         "dataset": sweep.data.dataset,
@@ -677,7 +678,7 @@ def plan(sweep: Sweep) -> dict:
         ],
         "pretrain_trials": len(pre),
         "finetune": None if not sweep.finetune else {
-            "arms": {k: a.from_ or ("scratch" if (a.finetune or "full") == "full" else f"random init, {a.finetune}")
+            "arms": {k: a.from_ or ("scratch" if heads[k][0] == "full" else f"random init, {heads[k][0]}")
                      for k, a in sweep.finetune.arms.items()},
             "labels": sweep.finetune.labels,
             "steps": sweep.finetune.steps,

@@ -184,6 +184,8 @@ def test_a_scratch_arm_freezes_its_random_encoder_only_when_it_says_so(tmp_path)
     cells = S.finetune_cells(S.load_sweep(write(tmp_path, raw)))
     modes = {c.tags["arm"]: (c.train["finetune"], c.train.get("features", "code")) for c in cells}
     assert modes == {"scratch": ("full", "code"), "pretrained": ("linear", "code"), "random": ("linear", "conv")}
+    arms = S.plan(S.load_sweep(write(tmp_path, raw)))["finetune"]["arms"]  # the dry run says what the cells train
+    assert arms == {"scratch": "scratch", "pretrained": "ae", "random": "random init, linear"}
     raw["finetune"]["arms"]["random"]["encoder"] = "mlp"
     sweep = S.load_sweep(write(tmp_path, raw))
     with pytest.raises(S.SpecError, match="finetune.arms.random.*features 'conv'"):
