@@ -12,14 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
-from mlflow.tracking import MlflowClient
+from cli_run import run_cli
 
 STEPS = 20
 
@@ -33,15 +29,8 @@ def sweep(data_dir: str) -> dict:
 
 def once(data_dir: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        path, store = Path(tmp) / "bench_startup.yaml", Path(tmp) / "store"
-        path.write_text(yaml.safe_dump(sweep(data_dir)))
-        launched = time.time()
-        subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store)], check=True,
-                       stdout=subprocess.DEVNULL)
-        exited = time.time()
-        client = MlflowClient(f"sqlite:///{store.resolve()}/mlflow.db")
-        exp = client.get_experiment_by_name("bench_startup")
-        (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
+        launched, exited, client, exp = run_cli(sweep(data_dir), Path(tmp))
+        (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId")]
         first = min(m.timestamp for m in client.get_metric_history(run.info.run_id, "train_loss")) / 1000
         return {"command to first step s": first - launched,
                 "last end to exit s": exited - run.info.end_time / 1000, "total s": exited - launched}

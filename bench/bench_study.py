@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from mlflow.tracking import MlflowClient
+from cli_run import run_cli
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -54,20 +51,13 @@ def study(data_dir: str, pretrain_steps: int, steps: int) -> dict:
 
 
 def run_dlsweep(tmp: Path, data_dir: str, pretrain_steps: int, steps: int) -> tuple[float, dict]:
-    path = tmp / "bench_study.yaml"
-    path.write_text(yaml.safe_dump(study(data_dir, pretrain_steps, steps)))
-    store = tmp / "store"
-    t0, launched = time.perf_counter(), time.time()
-    subprocess.run([sys.executable, "-m", "dlcore.cli", "run", str(path), "--store", str(store)], check=True,
-                   stdout=subprocess.DEVNULL)
-    wall, exited = time.perf_counter() - t0, time.time()
-    client = MlflowClient(f"sqlite:///{store.resolve()}/mlflow.db")
-    exp = client.get_experiment_by_name("bench_study")
+    launched, exited, client, exp = run_cli(study(data_dir, pretrain_steps, steps), tmp)
+    wall = exited - launched
     accs = {}
-    for r in client.search_runs([exp.experiment_id], "tags.`dlsweep.stage` = 'finetune'", max_results=1000):
+    for r in client.search_runs([exp], "tags.`dlsweep.stage` = 'finetune'", max_results=1000):
         t = r.data.tags
         accs[(t["dlsweep.arm"], int(t["dlsweep.labels"]), int(t["dlsweep.seed"]))] = r.data.metrics["test_acc"]
-    children = [r for r in client.search_runs([exp.experiment_id], max_results=1000) if r.data.tags.get("mlflow.parentRunId")]
+    children = [r for r in client.search_runs([exp], max_results=1000) if r.data.tags.get("mlflow.parentRunId")]
     finetunes = [r for r in children if r.data.tags.get("dlsweep.stage") == "finetune"]
     costs = {"to first trial s": min(r.info.start_time for r in children) / 1000 - launched,
              "after last trial s": exited - max(r.info.end_time for r in children) / 1000,
