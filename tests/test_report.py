@@ -517,7 +517,7 @@ def test_the_settings_table_says_what_each_stage_and_arm_trained_with():
     assert "| setting | stage barlow | arm linear | arm finetuned |" in md
     assert "| augment | simclr | crop_flip | crop_flip |" in md
     assert "| from |  | barlow | barlow |" in md and "| encoder_lr |  |  | 0.0003 |" in md
-    assert "| barlow_lambda | 0.005 |  |  |" in md and "| steps | 5,000 | 2,000 | 2,000 |" in md
+    assert "| barlow_lambda | 0.005 |  |  |" in md and "| steps | 3,000 | 2,000 | 2,000 |" in md
     assert "`simclr`: random resized crop (area 0.2-1" in md and "`crop_flip`: random crop" in md
     full = load_sweep(Path(__file__).parents[1] / "sweeps" / "barlow_cifar10.yaml")
     assert "| lr | 0.3 | searched | searched |" in "\n".join(R.settings_markdown(full))  # finetune.search: lr
