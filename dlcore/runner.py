@@ -34,6 +34,8 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
+from pyarrow import fs as pafs  # noqa: E402
+from ray.train._internal.checkpoint_manager import _CheckpointManager  # noqa: E402  (see LostCheckpoints)
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
@@ -306,6 +308,35 @@ class ProgressCallback(tune.Callback):
     @property
     def finished(self) -> int:
         return sum(self.counts[k] for k in tracking.OUTCOMES)
+
+
+class LostCheckpoints(tune.Callback):
+    """A trial about to start again from a checkpoint that is gone from storage starts from step 0
+    instead of failing. Tune deletes a trial's previous checkpoint (``num_to_keep``) the moment it
+    registers the next, and saves the experiment state that names the previous one only every few
+    seconds: a driver killed in between leaves a state whose checkpoint is gone, and every --resume
+    failed that trial again on it. Each pending trial's checkpoint is looked up once, before it starts."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def on_step_begin(self, iteration, trials, **info):
+        for trial in trials:
+            if trial.status != "PENDING" or trial.trial_id in self.seen or trial.checkpoint is None:
+                continue
+            self.seen.add(trial.trial_id)
+            ckpt = trial.checkpoint
+            try:
+                gone = ckpt.filesystem.get_file_info(ckpt.path).type == pafs.FileType.NotFound
+            except OSError:  # the store unreachable: Tune's own restore says so
+                continue
+            if gone:
+                # Trial.__init__'s own empty manager (Tune has no public way to forget a checkpoint)
+                meta = trial.run_metadata
+                meta.checkpoint_manager = _CheckpointManager(checkpoint_config=meta.checkpoint_manager.checkpoint_config)
+                DISPLAY["progress"].console.print(
+                    f"[yellow]{'restarting':13}[/] {tracking.short_name(trial.config['job']['tags'])}  its last checkpoint "
+                    f"is gone from the store ({ckpt.path}): it starts again from step 0", highlight=False, soft_wrap=True)
 
 
 # ---- the sweep --------------------------------------------------------------------------------
@@ -660,7 +691,7 @@ class Study:
             self.trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=len(stages) + sum(n for _, n in cells), reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, callbacks=[mlflow_cb, ProgressCallback()],
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, callbacks=[LostCheckpoints(), mlflow_cb, ProgressCallback()],
                                       stop=tracking.TrackingStopper(mlflow_cb), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,7 +115,16 @@ def test_sweep_end_to_end_logs_every_trial_and_reuses_pretraining(tiny_sweep, tm
     assert len(runs2) == 4
 
 
+def unfinished_checkpoints(store: Path, finished: set[str]) -> list[Path]:
+    """Checkpoint folders in Tune's storage of trials not among ``finished`` (trial ids)."""
+    return [c for c in store.glob("ray/tiny/*/study-0/run_trial_*/checkpoint_*")
+            if not any(c.parent.name.startswith(f"run_trial_{t}_") for t in finished)]
+
+
 def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_dir):
+    """A kill mid-sweep: --resume reruns only what had not finished, including a trial whose last
+    checkpoint is gone (Tune deletes the previous one before its saved state names the next: a kill
+    in between left every --resume failing that trial); it starts again from step 0."""
     raw = yaml.safe_load(tiny_sweep.read_text())
     raw["finetune"].update(samples=2, steps=[300], eval_every=100, search={})
     raw["asha"]["enabled"] = False
@@ -135,7 +145,8 @@ def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_di
             continue
         finished_before = [r for r in runs if r.data.tags.get("dlsweep.outcome") == "completed"
                            and r.data.tags["dlsweep.stage"] == "finetune"]
-        if len(finished_before) >= 2:
+        if len(finished_before) >= 2 and unfinished_checkpoints(store, {r.data.tags["dlsweep.trial_id"] for r in runs
+                                                                        if "dlsweep.outcome" in r.data.tags}):
             break
     assert proc.poll() is None, proc.stdout.read().decode()
     time.sleep(1.5)  # Tune saves its experiment state every second
@@ -145,10 +156,15 @@ def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_di
     finished_before = {r.info.run_id: r.data.tags["dlsweep.trial_id"] for r in runs
                        if r.data.tags.get("dlsweep.outcome") == "completed" and r.data.tags["dlsweep.stage"] == "finetune"}
     assert 2 <= len(finished_before) < 8
+    lost = unfinished_checkpoints(store, set(finished_before.values()))
+    assert lost
+    for c in lost:  # the race's end state: the saved experiment state names checkpoints that are gone
+        shutil.rmtree(c)
 
     resumed = subprocess.run(cmd + ["--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming tiny" in resumed.stdout
+    assert "its last checkpoint is gone from the store" in resumed.stdout and "starts again from step 0" in resumed.stdout
     state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
     assert state["status"] == "finished"
     _, runs = child_runs(store, "tiny", state["parent_run_id"])
