@@ -328,12 +328,14 @@ class LostCheckpoints(tune.Callback):
             ckpt = trial.checkpoint
             try:
                 gone = ckpt.filesystem.get_file_info(ckpt.path).type == pafs.FileType.NotFound
-            except OSError:  # the store unreachable: Tune's own restore says so
+            except Exception:  # noqa: BLE001 -- the store unreachable (pyarrow raises many kinds): Tune's restore says so
                 continue
             if gone:
-                # Trial.__init__'s own empty manager (Tune has no public way to forget a checkpoint)
+                # What a new trial starts with: Trial.__init__'s empty manager and no result (Tune has no
+                # public way to forget a checkpoint); the failed attempt's metrics would be shown as this one's.
                 meta = trial.run_metadata
                 meta.checkpoint_manager = _CheckpointManager(checkpoint_config=meta.checkpoint_manager.checkpoint_config)
+                meta.last_result = {}
                 DISPLAY["progress"].console.print(
                     f"[yellow]{'restarting':13}[/] {tracking.short_name(trial.config['job']['tags'])}  its last checkpoint "
                     f"is gone from the store ({ckpt.path}): it starts again from step 0", highlight=False, soft_wrap=True)

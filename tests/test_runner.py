@@ -115,10 +115,17 @@ def test_sweep_end_to_end_logs_every_trial_and_reuses_pretraining(tiny_sweep, tm
     assert len(runs2) == 4
 
 
-def unfinished_checkpoints(store: Path, finished: set[str]) -> list[Path]:
-    """Checkpoint folders in Tune's storage of trials not among ``finished`` (trial ids)."""
-    return [c for c in store.glob("ray/tiny/*/study-0/run_trial_*/checkpoint_*")
-            if not any(c.parent.name.startswith(f"run_trial_{t}_") for t in finished)]
+def tune_state(store: Path) -> tuple[set[str], list[Path]]:
+    """From Tune's last saved experiment state: the trials it has finished, and the checkpoint folders
+    of those it has not (what a --resume continues them from)."""
+    states = sorted(store.glob("ray/tiny/*/study-0/experiment_state-*.json"))
+    try:
+        trials = [json.loads(t) for t, _ in json.loads(states[-1].read_text())["trial_data"]] if states else []
+    except (OSError, ValueError):  # being written
+        return set(), []
+    return ({t["trial_id"] for t in trials if t["status"] == "TERMINATED"},
+            [c for t in trials if t["status"] != "TERMINATED"
+             for c in store.glob(f"ray/tiny/*/study-0/run_trial_{t['trial_id']}_*/checkpoint_*")])
 
 
 def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_dir):
@@ -136,7 +143,7 @@ def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_di
     deadline = time.time() + 240
     finished_before = []
     while time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.5)
         if not (store / "mlflow.db").exists() or not (store / "sweeps" / "tiny" / "state.json").exists():
             continue
         try:
@@ -145,18 +152,19 @@ def test_resume_after_kill_reruns_nothing_finished(tiny_sweep, tmp_path, data_di
             continue
         finished_before = [r for r in runs if r.data.tags.get("dlsweep.outcome") == "completed"
                            and r.data.tags["dlsweep.stage"] == "finetune"]
-        if len(finished_before) >= 2 and unfinished_checkpoints(store, {r.data.tags["dlsweep.trial_id"] for r in runs
-                                                                        if "dlsweep.outcome" in r.data.tags}):
+        finished, unfinished = tune_state(store)
+        # Killed once Tune's saved state has the finished trials and a trial it would resume from a checkpoint
+        if len(finished_before) >= 2 and {r.data.tags["dlsweep.trial_id"] for r in finished_before} <= finished and unfinished:
             break
     assert proc.poll() is None, proc.stdout.read().decode()
-    time.sleep(1.5)  # Tune saves its experiment state every second
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _, runs = child_runs(store, "tiny")
+    finished, lost = tune_state(store)  # the driver is dead: the state --resume reads
     finished_before = {r.info.run_id: r.data.tags["dlsweep.trial_id"] for r in runs
-                       if r.data.tags.get("dlsweep.outcome") == "completed" and r.data.tags["dlsweep.stage"] == "finetune"}
+                       if r.data.tags.get("dlsweep.outcome") == "completed" and r.data.tags["dlsweep.stage"] == "finetune"
+                       and r.data.tags["dlsweep.trial_id"] in finished}
     assert 2 <= len(finished_before) < 8
-    lost = unfinished_checkpoints(store, set(finished_before.values()))
     assert lost
     for c in lost:  # the race's end state: the saved experiment state names checkpoints that are gone
         shutil.rmtree(c)
