@@ -462,6 +462,8 @@ def train(cfg: TrainConfig, report: Report | None = None, data: D.Dataset | None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a run's shapes are fixed: cuDNN times its kernels once, keeps the fastest
     torch.manual_seed(cfg.seed)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     bf16 = uses_bf16(cfg, device)
