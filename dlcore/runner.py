@@ -600,9 +600,11 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         raise
     finally:
         watch.stopped.set()
-    # Tune may end normally, its trials failed by a joined cluster's death, a moment before that cluster's
-    # GCS stops answering (raylets stop first): a failed sweep on a joined cluster gives it 3 s to go.
-    if not watch.alive() or (not own_ray and study.summary()["failed"] and gone(watch.where, within_s=3.0)):
+    # Tune may end normally, its trials failed by a joined cluster's death, before that cluster's GCS stops
+    # answering (raylets stop first; on a busy machine the GCS can take many seconds more): a failed sweep on a
+    # joined cluster gives the GCS 3 s to go, 30 s when a trial's actor died with its node or its owner.
+    if not watch.alive() or (not own_ray and study.summary()["failed"]
+                             and gone(watch.where, within_s=30.0 if study.lost_with_ray() else 3.0)):
         _interrupted(state, state_path, uri, console, watch, supervised, source, lost=True)
     summary = {**study.summary(), "headline": study.headline(), "wall_s": time.perf_counter() - started}
     if own_ray:
@@ -817,6 +819,11 @@ class Study:
                 accs = [v[1] for k, v in mine.items() if k[1] == b and k[2] == steps]
                 out[tracking.param_key(f"test_acc.{arm}.labels_{b}")] = sum(accs) / len(accs)
         return out
+
+    def lost_with_ray(self) -> bool:
+        """Whether a trial failed because its actor went down with its node or its owner (the driver)."""
+        return any(r.error is not None and tracking.LOST_WITH_RAY.search(str(r.error))
+                   for rs in self.results.values() for r in rs)
 
     def summary(self) -> dict:
         """Counts of trials by outcome, blocked trials (their stage failed or diverged, or their first
