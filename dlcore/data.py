@@ -305,9 +305,11 @@ def to_float(x: Tensor) -> Tensor:
     return x.float().div_(255)
 
 
-def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+def normalize(x: Tensor, mean: tuple[float, ...] | Tensor, std: tuple[float, ...] | Tensor) -> Tensor:
+    """Per-channel standardisation. Pass ``mean``/``std`` as tensors already on ``x``'s device where
+    this runs per batch: a tuple is copied to a GPU each call, a copy that waits for the GPU."""
+    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
 
 
@@ -363,8 +365,8 @@ def random_resized_crop(x: Tensor, g: torch.Generator, scale=(0.2, 1.0), ratio=(
 def _gray(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
-    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    r, g, b = x.split(1, dim=1)  # luma weights as scalars: no host-to-GPU copy per batch
+    return r * 0.299 + g * 0.587 + b * 0.114
 
 
 def _rgb_to_hsv(x: Tensor) -> Tensor:

@@ -305,10 +305,11 @@ class Batcher:
         default_aug = "simclr" if cfg.objective in ("simclr", "barlow") else "none"
         self.augment = D.augmentation(cfg.augment if cfg.augment != "none" else default_aug)
         self.channels_last = uses_channels_last(cfg)
+        self.mean, self.std = (torch.tensor(v, device=device) for v in (ds.mean, ds.std))  # copied once, not per batch
 
     def _finish(self, x: Tensor) -> Tensor:
         if self.cfg.normalize:
-            x = D.normalize(x, self.ds.mean, self.ds.std)
+            x = D.normalize(x, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def plain(self, images: Tensor) -> Tensor:
