@@ -312,6 +312,10 @@ class Batcher:
             x = D.normalize(x, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def pixels(self, x: Tensor) -> Tensor:
+        """A model input or output back in [0, 1] pixel units (undoes the normalisation)."""
+        return x * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1) if self.cfg.normalize else x
+
     def plain(self, images: Tensor) -> Tensor:
         """Un-augmented, noise-free model input."""
         return self._finish(D.to_float(images))
@@ -358,8 +362,8 @@ def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
 def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: TrainConfig, autocast, prefix: str) -> dict:
     """Mean loss (and accuracy for classifiers) over ``images``; augmentation and noise from a fixed seed.
 
-    Autoencoders also get their mean L1 and L2 (squared) error per pixel, whatever loss they train
-    on, so that stages trained on different losses compare in common units."""
+    Autoencoders also get their mean L1 and L2 (squared) error per pixel in [0, 1] pixel units, whatever
+    loss they train on and whether their inputs are normalised, so that stages compare in common units."""
     model.eval()
     g = torch.Generator(device=images.device).manual_seed(12345)
     recon = cfg.objective in ("autoencoder", "decode")
@@ -371,8 +375,9 @@ def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: Train
             if recon:
                 out = model(inputs[0]).float()
                 loss, logits = losses.reconstruction_loss(cfg.recon_loss)(out, inputs[1]), None
-                l1 += losses.l1(out, inputs[1]).item() * len(xb)
-                l2 += losses.l2(out, inputs[1]).item() * len(xb)
+                out_px, target_px = batcher.pixels(out), batcher.pixels(inputs[1].float())
+                l1 += losses.l1(out_px, target_px).item() * len(xb)
+                l2 += losses.l2(out_px, target_px).item() * len(xb)
             else:
                 loss, logits = objective_loss(model, inputs, yb, cfg)
         total += loss.item() * len(xb)

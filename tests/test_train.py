@@ -244,6 +244,15 @@ def test_autoencoders_report_l1_and_l2_whatever_their_loss(small, tmp_path):
     assert 0 < l1["test_l2"] < l1["test_l1"] < 1 and 0 < l2["test_l2"] < l2["test_l1"] < 1  # pixels in [0, 1]
 
 
+def test_a_normalised_autoencoder_reports_its_errors_in_pixel_units(small, tmp_path):
+    """Normalised inputs train the loss on standardised pixels (~1/std times larger); test L1 and L2 stay
+    per [0, 1] pixel, the units every other autoencoder reports in."""
+    std = small.std[0]
+    final = train(cfg(tmp_path, objective="autoencoder", recon_loss="l1", normalize=True, steps=20), data=small)
+    assert final["test_l1"] == pytest.approx(final["test_loss"] * std, rel=1e-3)
+    assert 0 < final["test_l2"] < final["test_l1"] < 1
+
+
 def test_test_curve_is_logged_for_display_and_never_selects(small, tmp_path):
     history = []
     final = train(cfg(tmp_path, labels=100, test_curve=True), lambda m, c: history.append(m), small)
