@@ -63,8 +63,10 @@ def job_of(workload: str, data_dir: str) -> tuple[dict, float, int]:
 
 def copy_of_trial(args: dict, threads: int, seconds: float, device: str, data: dict, start, out) -> None:
     """One trial process: train until ``seconds`` have passed, then send its evaluations' times."""
+    import torch
+
     from dlcore import data as D
-    from dlcore.train import TrainConfig, train
+    from dlcore.train import TrainConfig, pick_device, train, uses_bf16
 
     folder = tempfile.mkdtemp(prefix="bench-gpu-")
     cfg = TrainConfig(**args, threads=threads, device=device, out_dir=folder)
@@ -88,15 +90,8 @@ def copy_of_trial(args: dict, threads: int, seconds: float, device: str, data: d
         error = f"{type(e).__name__}: {e}"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    import torch
-
-    out.put({"evals": evals, "threads": torch.get_num_threads(), "bf16": _bf16(cfg), "error": error})
-
-
-def _bf16(cfg) -> bool:
-    from dlcore.train import pick_device, uses_bf16
-
-    return uses_bf16(cfg, pick_device(cfg.device))
+    out.put({"evals": evals, "threads": torch.get_num_threads(), "bf16": uses_bf16(cfg, pick_device(cfg.device)),
+             "error": error})
 
 
 class GpuSampler:
