@@ -29,7 +29,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     sim = z @ z.T / temperature  # (2N, 2N) cosine similarities over temperature
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     sim = sim.masked_fill(self_mask, float("-inf"))
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # (2N,)
+    positive = torch.arange(2 * n, device=z.device).roll(n)  # (2N,): view i's positive is i + N (mod 2N)
     return F.cross_entropy(sim, positive)
 
 

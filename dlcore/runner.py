@@ -600,11 +600,8 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
         raise
     finally:
         watch.stopped.set()
-    # Tune may end normally, its trials failed by a joined cluster's death, before that cluster's GCS stops
-    # answering (raylets stop first; on a busy machine the GCS can take many seconds more): a failed sweep on a
-    # joined cluster gives the GCS 3 s to go, 30 s when a trial's actor died with its node or its owner.
-    if not watch.alive() or (not own_ray and study.summary()["failed"]
-                             and gone(watch.where, within_s=30.0 if study.lost_with_ray() else 3.0)):
+    wait = cluster_wait_s(bool(joined) or not own_ray, study.summary()["failed"], lost_with_ray(study.all_results()))
+    if not watch.alive() or (wait and gone(watch.where, within_s=wait)):
         _interrupted(state, state_path, uri, console, watch, supervised, source, lost=True)
     summary = {**study.summary(), "headline": study.headline(), "wall_s": time.perf_counter() - started}
     if own_ray:
@@ -615,6 +612,23 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     write_state(state_path, state)
     tracking.finish_sweep(uri, state, console, summary)
     return state
+
+
+def lost_with_ray(results) -> bool:
+    """Whether a trial of ``results`` (tune.Result) failed because its actor went down with its node or
+    its owner, the driver: what Ray says of trials lost with their cluster (tracking.LOST_WITH_RAY)."""
+    return any(r.error is not None and tracking.LOST_WITH_RAY.search(str(r.error)) for r in results)
+
+
+def cluster_wait_s(joined: bool, failed: int, lost: bool) -> float:
+    """How long a sweep that ended with ``failed`` trials gives its cluster's GCS to stop answering before
+    it says how it ended. Tune may end normally, its trials failed by a joined cluster's death, before
+    that cluster's GCS goes (raylets stop first; on a busy machine the GCS can take many seconds more).
+    Nothing to wait for on a private Ray or without a failure; 30 s when a trial's actor died with its
+    node or owner (``lost``), 3 s for any other failure."""
+    if not joined or not failed:
+        return 0.0
+    return 30.0 if lost else 3.0
 
 
 def _interrupted(state: dict, state_path: Path, uri: str, console: Console, watch: RayWatch, supervised: bool, source: str,
@@ -820,10 +834,9 @@ class Study:
                 out[tracking.param_key(f"test_acc.{arm}.labels_{b}")] = sum(accs) / len(accs)
         return out
 
-    def lost_with_ray(self) -> bool:
-        """Whether a trial failed because its actor went down with its node or its owner (the driver)."""
-        return any(r.error is not None and tracking.LOST_WITH_RAY.search(str(r.error))
-                   for rs in self.results.values() for r in rs)
+    def all_results(self) -> list:
+        """Every tuner's results (tune.Result), in order."""
+        return [r for rs in self.results.values() for r in rs]
 
     def summary(self) -> dict:
         """Counts of trials by outcome, blocked trials (their stage failed or diverged, or their first

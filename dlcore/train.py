@@ -375,7 +375,7 @@ def evaluate(model, batcher: Batcher, images: Tensor, labels: Tensor, cfg: Train
             if recon:
                 out = model(inputs[0]).float()
                 loss, logits = losses.reconstruction_loss(cfg.recon_loss)(out, inputs[1]), None
-                out_px, target_px = batcher.pixels(out), batcher.pixels(inputs[1].float())
+                out_px, target_px = batcher.pixels(out), batcher.pixels(inputs[1])
                 l1 += losses.l1(out_px, target_px).item() * len(xb)
                 l2 += losses.l2(out_px, target_px).item() * len(xb)
             else:
@@ -632,10 +632,6 @@ def reconstruction_samples(model, batcher: Batcher, ds: D.Dataset, cfg: TrainCon
         recon = model(x).float()
 
     def unnormalize(t: Tensor) -> Tensor:
-        if cfg.normalize:
-            m = torch.tensor(ds.mean, device=t.device).view(1, -1, 1, 1)
-            s = torch.tensor(ds.std, device=t.device).view(1, -1, 1, 1)
-            t = t * s + m
-        return t.float().clamp(0, 1).cpu()
+        return batcher.pixels(t.float()).clamp(0, 1).cpu()
 
     return {"clean": unnormalize(target), "input": unnormalize(x), "output": unnormalize(recon), "labels": labels.cpu()}

@@ -375,3 +375,21 @@ def test_a_trial_actor_imports_what_training_needs_and_not_the_drivers_stack():
                              "('matplotlib', 'scipy.stats') if m in sys.modules))"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     assert driver.stdout.strip() == "[]"
+
+
+def test_a_failed_sweep_waits_for_its_clusters_gcs_only_where_the_cluster_may_be_going():
+    from types import SimpleNamespace
+
+    from dlcore.runner import cluster_wait_s, lost_with_ray
+
+    owner_died = RuntimeError("The actor is dead because its owner has died. Owner Id: 01 Worker exit detail: "
+                              "Owner's node has crashed.")
+    with_node = RuntimeError("The actor died because its node has died.\n\tthe actor's node was terminated unexpectedly: x")
+    results = [SimpleNamespace(error=None), SimpleNamespace(error=ValueError("lr must be positive"))]
+    assert not lost_with_ray(results)
+    assert lost_with_ray(results + [SimpleNamespace(error=owner_died)])
+    assert lost_with_ray([SimpleNamespace(error=with_node)])
+    assert cluster_wait_s(joined=False, failed=2, lost=True) == 0  # a private Ray: nothing outlives the driver
+    assert cluster_wait_s(joined=True, failed=0, lost=False) == 0
+    assert cluster_wait_s(joined=True, failed=1, lost=False) == 3.0
+    assert cluster_wait_s(joined=True, failed=1, lost=True) == 30.0

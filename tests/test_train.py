@@ -312,3 +312,18 @@ def test_optimizers_use_fused_kernels_on_the_cpu(optimizer):
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_pixels_undoes_the_normalisation_of_a_channels_last_colour_batch():
+    from dlcore import data as D
+    from dlcore.train import Batcher
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
+    ds = D.Dataset(name="tiny", num_classes=2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), x_train=images,
+                   y_train=torch.zeros(4, dtype=torch.long), x_test=images, y_test=torch.zeros(4, dtype=torch.long))
+    batcher = Batcher(ds, TrainConfig(objective="autoencoder", encoder="conv", normalize=True), torch.device("cpu"))
+    x = batcher.plain(images)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert x[:, 2].mean().item() == pytest.approx(((D.to_float(images)[:, 2] - 0.6) / 0.3).mean().item(), abs=1e-5)
+    assert torch.allclose(batcher.pixels(x), D.to_float(images), atol=1e-6)
