@@ -8,9 +8,11 @@ share as its threads; the GPU does not know they are trials of one sweep. This s
 sweep's trial the same way, as N processes that all train at once, each running the training
 function (`dlcore.train.train`) with the job the sweep file makes (model, batch, augmentations,
 precision: `precision: auto` is bf16 on a GPU that has it), for ``--seconds`` each, without Ray
-or MLflow. It measures training throughput (images per second, evaluations left out, the first
-evaluation interval too, as warm-up) between the first and the last evaluation, and the GPU's
-utilisation (``nvidia-smi``, every 100 ms) while every copy is inside that window.
+or MLflow. The copies measure over one common window: it opens once every copy has passed its
+first evaluation (start-up, CUDA and cuDNN's kernel timing behind it) and closes ``--seconds`` later,
+while every copy still trains; each copy's training throughput (images per second, evaluations left
+out) is taken between its first and last evaluation inside the window, and the GPU's utilisation
+(``nvidia-smi``, every 100 ms) over the window.
 
 Workloads: E1's DAE pretraining and fine-tune (`sweeps/dae_fraction.yaml`, full size: the sweep asks
 for 0.25 GPU per trial) and E3's SimCLR pretraining and ResNet-18 fine-tune
@@ -43,7 +45,7 @@ WORKLOADS = {  # name: (sweep file, stage or "finetune", stage or arm, evaluatio
 
 
 class Enough(Exception):
-    """Raised from the report callback once a copy has trained for its seconds."""
+    """Raised from the report callback once the common window has closed."""
 
 
 def job_of(workload: str, data_dir: str) -> tuple[dict, float, int]:
@@ -61,37 +63,56 @@ def job_of(workload: str, data_dir: str) -> tuple[dict, float, int]:
     return args, sweep.resources.cpu, args.get("batch_size", 64)
 
 
-def copy_of_trial(args: dict, threads: int, seconds: float, device: str, data: dict, start, out) -> None:
-    """One trial process: train until ``seconds`` have passed, then send its evaluations' times."""
+def copy_of_trial(args: dict, threads: int, device: str, data: dict, window, out) -> None:
+    """One trial process: trains until the common window closes, then sends its evaluations' times."""
     import torch
 
     from dlcore import data as D
     from dlcore.train import TrainConfig, pick_device, train, uses_bf16
 
     folder = tempfile.mkdtemp(prefix="bench-gpu-")
-    cfg = TrainConfig(**args, threads=threads, device=device, out_dir=folder)
-    ds = D.Dataset.from_numpy(data)
-    evals = []  # (wall time, step, training seconds so far)
-
-    def report(metrics: dict, checkpoint_dir) -> None:
-        if "samples_per_s" in metrics:
-            evals.append((time.time(), metrics["step"], metrics["step"] * cfg.batch_size / metrics["samples_per_s"]))
-        if len(evals) >= 3 and time.time() - began >= seconds:
-            raise Enough
-
-    start.wait(timeout=600)
-    began = time.time()
-    error = None
+    evals, error = [], None  # evals: (wall time, step, training seconds so far)
     try:
+        cfg = TrainConfig(**args, threads=threads, device=device, out_dir=folder)
+        ds = D.Dataset.from_numpy(data)
+
+        def report(metrics: dict, checkpoint_dir) -> None:
+            if "samples_per_s" not in metrics:
+                return
+            if not evals:
+                window.warm()  # the last copy to warm up opens the window with this evaluation, its first inside
+            evals.append((time.time(), metrics["step"], metrics["step"] * cfg.batch_size / metrics["samples_per_s"]))
+            if window.closed():
+                raise Enough
+
         train(cfg, report, ds)
     except Enough:
         pass
-    except Exception as e:  # noqa: BLE001 -- said by the parent, which would otherwise wait forever
+    except Exception as e:  # noqa: BLE001 -- said by the parent
         error = f"{type(e).__name__}: {e}"
+        window.warm()  # the others need not wait for this one
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    out.put({"evals": evals, "threads": torch.get_num_threads(), "bf16": uses_bf16(cfg, pick_device(cfg.device)),
-             "error": error})
+    out.put({"evals": evals, "threads": torch.get_num_threads(), "error": error,
+             "bf16": error is None and uses_bf16(cfg, pick_device(cfg.device))})
+
+
+class Window:
+    """The common measuring window of ``copies`` processes: opens when the last of them has warmed up
+    (passed its first evaluation) and closes ``seconds`` later."""
+
+    def __init__(self, ctx, copies: int, seconds: float):
+        self.copies, self.seconds = copies, seconds
+        self.warmed, self.opened = ctx.Value("i", 0), ctx.Value("d", 0.0)
+
+    def warm(self) -> None:
+        with self.warmed.get_lock():
+            self.warmed.value += 1
+            if self.warmed.value == self.copies:
+                self.opened.value = time.time()
+
+    def closed(self) -> bool:
+        return self.opened.value > 0 and time.time() >= self.opened.value + self.seconds
 
 
 class GpuSampler:
@@ -133,29 +154,37 @@ def measure(workload: str, pack: int, seconds: float, device: str, data: dict, d
     args, cpu_share, batch = job_of(workload, data_dir)
     threads = max(1, min(int(cpu_share), (os.cpu_count() or 1) // pack))
     ctx = mp.get_context("spawn")
-    start, out = ctx.Barrier(pack + 1), ctx.Queue()
-    procs = [ctx.Process(target=copy_of_trial, args=(args, threads, seconds, device, data, start, out)) for _ in range(pack)]
-    for p in procs:
-        p.start()
-    start.wait(timeout=600)
-    results = [out.get(timeout=seconds * 20 + 600) for _ in procs]
-    for p in procs:
-        p.join()
+    window, out = Window(ctx, pack, seconds), ctx.Queue()
+    procs = [ctx.Process(target=copy_of_trial, args=(args, threads, device, data, window, out)) for _ in range(pack)]
+    try:
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=seconds * 20 + 600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
     if errors := [r["error"] for r in results if r["error"]]:
         raise RuntimeError(f"{workload}, {pack} per GPU: {errors[0]}")
-    rates, windows = [], []
+    t0 = window.opened.value
+    t1 = t0 + seconds
+    rates = []
     for r in results:
-        (t_a, step_a, train_a), (t_b, step_b, train_b) = r["evals"][1], r["evals"][-1]  # the first interval warms up
+        inside = [e for e in r["evals"] if t0 <= e[0] <= t1]
+        if len(inside) < 2:
+            raise RuntimeError(f"{workload}, {pack} per GPU: fewer than 2 evaluations of a copy in the {seconds:g} s "
+                               "window; give it more --seconds")
+        (_, step_a, train_a), (_, step_b, train_b) = inside[0], inside[-1]
         rates.append((step_b - step_a) * batch / (train_b - train_a))
-        windows.append((t_a, t_b))
-    util, mem = sampler.between(max(a for a, _ in windows), min(b for _, b in windows))
+    util, mem = sampler.between(t0, t1)
     return {"workload": workload, "pack": pack, "threads": threads, "bf16": results[0]["bf16"], "batch": batch,
             "per_trial": statistics.mean(rates), "total": sum(rates), "gpu_util": util, "gpu_mem_gib": mem}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=15.0, help="training time of each copy")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of the common measuring window")
     ap.add_argument("--packs", default="1,2,4", help="trials per GPU to measure")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--device", default="auto", help="auto (cuda where there is one) or cpu, to try the script")
@@ -167,7 +196,7 @@ def main() -> None:
     import torch
 
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() and a.device != "cpu" else "CPU"
-    print(f"{where}, {os.cpu_count()} CPUs, torch {torch.__version__}; {a.seconds:g} s of training per copy")
+    print(f"{where}, {os.cpu_count()} CPUs, torch {torch.__version__}; measured over a common {a.seconds:g} s window")
     sampler = GpuSampler()
     rows, loaded = [], {}
     try:
