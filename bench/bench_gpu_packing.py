@@ -198,16 +198,13 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() and a.device != "cpu" else "CPU"
     print(f"{where}, {os.cpu_count()} CPUs, torch {torch.__version__}; measured over a common {a.seconds:g} s window")
     sampler = GpuSampler()
-    rows, loaded = [], {}
+    data, rows = D.load_dataset("cifar10", data_dir).to_numpy(), []  # every workload here trains on CIFAR-10
     try:
         for workload in a.workloads.split(","):
-            name = "cifar10"  # every workload here trains on CIFAR-10
-            if name not in loaded:
-                loaded[name] = D.load_dataset(name, data_dir).to_numpy()
             one = None
             for pack in (int(p) for p in a.packs.split(",")):
                 try:
-                    row = measure(workload, pack, a.seconds, a.device, loaded[name], data_dir, sampler)
+                    row = measure(workload, pack, a.seconds, a.device, data, data_dir, sampler)
                 except Exception as e:  # noqa: BLE001 -- said, and the other workloads still measured
                     print(f"{workload:12s} {pack} per GPU  failed: {e}", flush=True)
                     break

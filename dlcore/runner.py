@@ -776,17 +776,15 @@ class Study:
     def _ended(self) -> Counter:
         """Per stage or cell key: trials that ended for good (any outcome but interrupted)."""
         ended = Counter()
-        for rs in self.results.values():
-            for r in rs:
-                if r.config and tracking.outcome(r.metrics, errored=r.error is not None) != "interrupted":
-                    ended[r.config["job"]["key"]] += 1
+        for r in self.all_results():
+            if r.config and tracking.outcome(r.metrics, errored=r.error is not None) != "interrupted":
+                ended[r.config["job"]["key"]] += 1
         return ended
 
     def _picks(self) -> dict[str, tuple[float, dict]]:
         """What the search of each lead cell picked in the tuners so far (search_scope cell)."""
         keys = list(self.sweep.finetune.search) if self.sweep.finetune else []
-        results = (r for rs in self.results.values() for r in rs)
-        return search.picks(results, {c.lead for c in self.cells if c.lead}, keys, self.sweep.metric, self.sweep.mode)
+        return search.picks(self.all_results(), {c.lead for c in self.cells if c.lead}, keys, self.sweep.metric, self.sweep.mode)
 
     def owed(self) -> tuple[list[Job], list[tuple[Job, int]], list[tuple[Job, int, str]]]:
         """What this invocation still owes: stages to (re)run, cells with their missing trials that
@@ -815,15 +813,14 @@ class Study:
         largest label budget (longest steps): the parent run's headline metrics."""
         metric, sign = self.sweep.metric, (1 if self.sweep.mode == "max" else -1)
         chosen: dict[tuple, tuple] = {}
-        for rs in self.results.values():
-            for r in rs:
-                tags, m = (r.config or {}).get("job", {}).get("tags", {}), r.metrics or {}
-                if tags.get("stage") != "finetune" or "test_acc" not in m:
-                    continue
-                key = (tags["arm"], tags["labels"], tags["steps"], tags["seed"])
-                val = sign * m.get(f"best_{metric}", 0.0)
-                if key not in chosen or val > chosen[key][0]:
-                    chosen[key] = (val, m["test_acc"])
+        for r in self.all_results():
+            tags, m = (r.config or {}).get("job", {}).get("tags", {}), r.metrics or {}
+            if tags.get("stage") != "finetune" or "test_acc" not in m:
+                continue
+            key = (tags["arm"], tags["labels"], tags["steps"], tags["seed"])
+            val = sign * m.get(f"best_{metric}", 0.0)
+            if key not in chosen or val > chosen[key][0]:
+                chosen[key] = (val, m["test_acc"])
         out = {}
         for arm in sorted({k[0] for k in chosen}):
             mine = {k: v for k, v in chosen.items() if k[0] == arm}
@@ -842,9 +839,8 @@ class Study:
         """Counts of trials by outcome, blocked trials (their stage failed or diverged, or their first
         seed's search completed no trial) and unfinished ones."""
         counts = Counter()
-        for rs in self.results.values():
-            for r in rs:
-                counts[tracking.outcome(r.metrics, errored=r.error is not None)] += 1
+        for r in self.all_results():
+            counts[tracking.outcome(r.metrics, errored=r.error is not None)] += 1
         stages, runnable, blocked = self.owed()
         by_stage = [c for c, _, why in blocked if why == "stage"]
         return {**{k: counts[k] for k in tracking.OUTCOMES}, "blocked": sum(n for _, n, _ in blocked),

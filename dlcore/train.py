@@ -305,7 +305,7 @@ class Batcher:
         default_aug = "simclr" if cfg.objective in ("simclr", "barlow") else "none"
         self.augment = D.augmentation(cfg.augment if cfg.augment != "none" else default_aug)
         self.channels_last = uses_channels_last(cfg)
-        self.mean, self.std = (torch.tensor(v, device=device) for v in (ds.mean, ds.std))  # copied once, not per batch
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (ds.mean, ds.std))  # once, not per batch
 
     def _finish(self, x: Tensor) -> Tensor:
         if self.cfg.normalize:
@@ -314,7 +314,7 @@ class Batcher:
 
     def pixels(self, x: Tensor) -> Tensor:
         """A model input or output back in [0, 1] pixel units (undoes the normalisation)."""
-        return x * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1) if self.cfg.normalize else x
+        return x * self.std + self.mean if self.cfg.normalize else x
 
     def plain(self, images: Tensor) -> Tensor:
         """Un-augmented, noise-free model input."""
