@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .store import Paths
+from .store import Paths, RunError
 from .supervisor import reap, supervise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -134,12 +134,16 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
            supervised: bool = False, storage: str | None = None) -> None:
     """Run the sweep in this process and say how it ended; a sweep not done ends in typer.Exit."""
     from .data import DataError
-    from .runner import RunError, run_sweep  # Ray is imported only when something runs
     from .spec import SpecError
 
     try:
-        state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
-                          console=console, supervised=supervised, storage=storage)
+        if supervised:
+            from .runner import run_sweep  # Ray is imported only when something runs
+
+            state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
+                              console=console, supervised=True, storage=storage)
+        else:
+            state = _run_private(sweep, sweep_file, store, tracking_uri, resume, storage)
     except (SpecError, DataError, RunError) as e:
         fail(str(e), getattr(e, "code", 2))
     again = _again(sweep_file, store, sweep.profile, state.get("storage"))
@@ -157,6 +161,42 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
         raise typer.Exit(1)
     console.print(f"[bold green]done[/] ({counts}): experiment '{sweep.tracking.experiment or sweep.name}', parent run "
                   f"{state['parent_run_id']}; see it with: dlsweep ui", highlight=False, soft_wrap=True)
+
+
+def _run_private(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, resume: bool,
+                 storage: str | None) -> dict:
+    """run_sweep on a private local Ray, started at once: its processes start in this (main) thread
+    while a second one imports the runner (Tune, MLflow, the core), checks the sweep and opens its
+    MLflow experiment, seconds each on a small machine that neither needs the other for. A sweep
+    that fails its checks stops the Ray it started and writes nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import boot
+
+    from .spec import check_all
+
+    ds = None if resume else check_all(sweep, str(sweep_file))  # a bad sweep ends here, before Ray starts
+
+    def checked():
+        from .runner import check_run
+
+        return check_run(sweep, str(sweep_file), store, tracking_uri, None, resume, storage, ds).open_experiment()
+
+    import ray
+
+    with ThreadPoolExecutor(1) as pool:
+        ready = pool.submit(checked)
+        try:
+            boot.start_ray(None)
+            run = ready.result()
+        except BaseException:
+            ready.cancel()
+            ray.shutdown()
+            raise
+    from .runner import _quiet_tune, run_checked
+
+    _quiet_tune()
+    return run_checked(run, console, own_ray=True)
 
 
 def _drive_apart(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None,

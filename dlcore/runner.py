@@ -8,6 +8,7 @@ the other seeds reuse) and ASHA stops weak trials against the others of the same
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,15 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-# Quiet Ray before it is imported: no usage prompt, no per-trial loggers, experiment state
-# saved every second so that a killed sweep loses (almost) no record of finished trials.
-os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-# The final report carries test metrics and the best validation value, not the current one.
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+from . import boot  # noqa: E402  (Ray's settings, before Ray is imported)
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -46,18 +39,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import cache, search, tracking  # noqa: E402
 from . import data as D  # noqa: E402
 from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
-from .store import Paths, read_state, store_problem, write_state  # noqa: E402
+from .store import Paths, RunError, read_state, store_problem, write_state  # noqa: E402, F401  (RunError: callers' runner.RunError)
 from .supervisor import gone, reachable  # noqa: E402
 from .train import DIVERGED_ABOVE, TrainConfig  # noqa: E402
 from .trial import run_trial  # noqa: E402
-
-
-class RunError(RuntimeError):
-    """A sweep that could not finish; one line for the terminal, and the exit code to end with."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
 
 
 # ---- search and scheduling: one study, pretraining stages and grid cells together --------
@@ -459,15 +444,9 @@ def _quiet_tune() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _start_ray(address: str | None, console: Console) -> None:
-    """Join ``address`` (or RAY_ADDRESS) if given; otherwise start a private local Ray that never
-    joins a cluster already running on this machine (another user's, another test's)."""
+def _start_ray(address: str | None) -> None:
     _quiet_tune()
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             configure_logging=True)
+    boot.start_ray(address)
 
 
 def _open_sweep(sweep: Sweep, source: str, uri: str, experiment_id: str, storage: str | None, paths: Paths,
@@ -500,27 +479,43 @@ def _open_sweep(sweep: Sweep, source: str, uri: str, experiment_id: str, storage
     return state
 
 
-def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, console: Console | None = None, supervised: bool = False,
-              storage: str | None = None) -> dict:
-    """Run (or resume) a sweep; returns its state dict, whose ``status`` is finished, failed (some
-    trials failed or were blocked) or interrupted. Raises SpecError/DataError/RunError.
+@dataclasses.dataclass
+class Checked:
+    """A sweep that passed every check a run makes before it writes anything, with the MLflow
+    experiment it logs to (``open_experiment``); ``state`` is the saved state of a resumed sweep."""
 
-    ``supervised``: a process outlives this one to report a lost Ray cluster (supervisor.py); this
-    one then only ends, leaving the state ``running`` with its pid for that process to find. The
-    two never race to speak or to write the state.
+    sweep: Sweep
+    source: str
+    paths: Paths
+    ds: object
+    uri: str
+    experiment: str
+    joined: str | None
+    address: str | None
+    storage: str | None
+    state: dict | None
+    experiment_id: str | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # the sweep's wall_s counts from here
 
-    ``storage``: an object-store URI (``s3://bucket/prefix``) for Tune's state, the checkpoints and
-    the pretrain cache, for clusters whose nodes share no disk; a resumed sweep keeps its own."""
-    console = console or Console()
+    def open_experiment(self) -> "Checked":
+        self.experiment_id = tracking.ensure_experiment(self.uri, self.experiment, self.paths.artifacts)
+        return self
+
+
+def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
+              resume: bool = False, storage: str | None = None, ds=None) -> Checked:
+    """What ``run_sweep`` checks before it starts Ray or writes anything; raises SpecError/DataError/RunError.
+    ``ds``: check_all's data sets for ``sweep``, when the caller checked it already."""
     storage = storage.rstrip("/") if storage else None
-    ds = None if resume else check_all(sweep, source)  # a resumed sweep's spec is the one in its state
+    if ds is None and not resume:  # a resumed sweep's spec is the one in its state
+        ds = check_all(sweep, source)
     if storage:
         trouble = store_problem(storage)
         if trouble:
             raise RunError(trouble)
     paths = Paths(Path(root).resolve(), storage)
     state_path = paths.state(sweep.name)
+    state = None
     if resume:
         state = read_state(state_path, storage, sweep.name)
         if state is None:
@@ -554,21 +549,51 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     trouble = tracking.probe(uri)
     if trouble:
         raise RunError(trouble)
-    experiment = sweep.tracking.experiment or sweep.name
+    return Checked(sweep, source, paths, ds, uri, sweep.tracking.experiment or sweep.name, joined, address, storage, state)
+
+
+def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
+              resume: bool = False, console: Console | None = None, supervised: bool = False,
+              storage: str | None = None) -> dict:
+    """Run (or resume) a sweep; returns its state dict, whose ``status`` is finished, failed (some
+    trials failed or were blocked) or interrupted. Raises SpecError/DataError/RunError.
+
+    ``supervised``: a process outlives this one to report a lost Ray cluster (supervisor.py); this
+    one then only ends, leaving the state ``running`` with its pid for that process to find. The
+    two never race to speak or to write the state.
+
+    ``storage``: an object-store URI (``s3://bucket/prefix``) for Tune's state, the checkpoints and
+    the pretrain cache, for clusters whose nodes share no disk; a resumed sweep keeps its own."""
+    checked = check_run(sweep, source, root, tracking_uri, address, resume, storage)
     # A fresh sqlite store takes seconds to build its schema, and Ray seconds to start its processes:
     # the one in a thread while the other starts.
     own_ray = not ray.is_initialized()
-    started = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
-        setup = pool.submit(tracking.ensure_experiment, uri, experiment, paths.artifacts)
+        setup = pool.submit(checked.open_experiment)
         try:
-            _start_ray(address, console)
-            experiment_id = setup.result()
-            state = _open_sweep(sweep, source, uri, experiment_id, storage, paths, console, state if resume else None)
+            _start_ray(address)
+            setup.result()
         except BaseException:
             if own_ray and ray.is_initialized():
                 ray.shutdown()
             raise
+    return run_checked(checked, console, supervised, own_ray)
+
+
+def run_checked(checked: Checked, console: Console | None = None, supervised: bool = False, own_ray: bool = False) -> dict:
+    """``run_sweep`` once its checks passed, its experiment is open and Ray is up; ``own_ray``: the
+    Ray is this sweep's own (a private one, shut down at the end; a joined cluster is left running)."""
+    console = console or Console()
+    sweep, source, paths, ds, uri, storage = checked.sweep, checked.source, checked.paths, checked.ds, checked.uri, checked.storage
+    joined, resume = checked.joined, checked.state is not None
+    state_path = paths.state(sweep.name)
+    started = checked.started
+    try:
+        state = _open_sweep(sweep, source, uri, checked.experiment_id, storage, paths, console, checked.state)
+    except BaseException:
+        if own_ray:
+            ray.shutdown()
+        raise
     state["status"] = "running"
     state["driver"] = {"pid": os.getpid()}  # whose the running state is: the supervisor checks for its child's
     write_state(state_path, state)

@@ -14,6 +14,14 @@ from pathlib import Path
 from dlcore.cache import filesystem, join
 
 
+class RunError(RuntimeError):
+    """A sweep that could not finish; one line for the terminal, and the exit code to end with."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class Paths:
     """Everything a sweep writes, under one root (default ./mlflow_runs). With ``storage`` (an
