@@ -37,24 +37,26 @@ BUDGETS, SEEDS, STEPS, VAL_SIZE = (100, 300, 1000), 3, 500, 5000
 PRETRAIN_STEPS = 3 * 55_000 // 128
 
 
-def study(data_dir: str, pretrain_steps: int, steps: int, seeds: int) -> dict:
+def study(data_dir: str, pretrain_steps: int, steps: int, seeds: int, pretrain_seed: int = 0, precision: str = "auto") -> dict:
     return {
         "name": "bench_study",
         "data": {"dataset": "mnist", "data_dir": data_dir, "val_size": VAL_SIZE},
         "validation": {"protocol": "none"},
         "pretrain": {"ae": {"objective": "autoencoder", "encoder": "conv", "encoder_args": ENCODER, "recon_loss": "l1",
                             "steps": pretrain_steps, "batch_size": 128, "lr": 1e-3, "eval_every": pretrain_steps,
-                            "seeds": [0]}},
+                            "seeds": [pretrain_seed], "precision": precision}},
         "finetune": {"arms": {"scratch": {}, "pretrained": {"from": "ae", "finetune": "full"}}, "labels": list(BUDGETS),
                      "steps": [steps], "seeds": list(range(seeds)), "encoder": "conv", "encoder_args": ENCODER,
-                     "head_hidden": 128, "batch_size": 64, "lr": 1e-3, "eval_every": steps, "samples": 1},
+                     "head_hidden": 128, "batch_size": 64, "lr": 1e-3, "eval_every": steps, "samples": 1,
+                     "precision": precision},
         "asha": {"enabled": False},
         "resources": {"cpu": 1},
     }
 
 
-def run_dlsweep(tmp: Path, data_dir: str, pretrain_steps: int, steps: int, seeds: int) -> tuple[float, dict]:
-    launched, exited, client, exp = run_cli(study(data_dir, pretrain_steps, steps, seeds), tmp)
+def run_dlsweep(tmp: Path, data_dir: str, pretrain_steps: int, steps: int, seeds: int, pretrain_seed: int,
+                precision: str) -> tuple[float, dict]:
+    launched, exited, client, exp = run_cli(study(data_dir, pretrain_steps, steps, seeds, pretrain_seed, precision), tmp)
     wall = exited - launched
     accs = {}
     for r in client.search_runs([exp], "tags.`dlsweep.stage` = 'finetune'", max_results=1000):
@@ -87,7 +89,7 @@ def forever(loader):
         yield from loader
 
 
-def run_notebook(data_dir: str, pretrain_steps: int, steps: int, seeds: int) -> tuple[float, dict]:
+def run_notebook(data_dir: str, pretrain_steps: int, steps: int, seeds: int, pretrain_seed: int) -> tuple[float, dict]:
     from torchvision.transforms import ToTensor
 
     t0 = time.perf_counter()
@@ -97,7 +99,7 @@ def run_notebook(data_dir: str, pretrain_steps: int, steps: int, seeds: int) -> 
     pool, _ = D.validation_split(len(y_train), VAL_SIZE, 0)  # the same pool as the sweep's
     shape = (1, 28, 28)
 
-    torch.manual_seed(0)
+    torch.manual_seed(pretrain_seed)
     ae = models.Autoencoder(models.build_encoder("conv", shape, **ENCODER), models.build_decoder("conv", shape, **ENCODER))
     opt = torch.optim.Adam(ae.parameters(), 1e-3)
     batches = forever(DataLoader(Subset(train_set, pool.tolist()), batch_size=128, shuffle=True, num_workers=2,
@@ -158,11 +160,15 @@ def main():
     p.add_argument("--steps", type=int, default=STEPS, help="fine-tune steps (smaller: a plumbing check, not the benchmark)")
     p.add_argument("--seeds", type=int, default=SEEDS, help="fine-tune seeds per cell (the matched study has 3; more "
                    "narrow the accuracy comparison)")
+    p.add_argument("--pretrain-seed", type=int, default=0, help="the autoencoder's seed, on both sides")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="dlsweep's precision (the notebook trains in fp32)")
     args = p.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
     tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
-    sweep_s, sweep_accs, costs = run_dlsweep(tmp, data_dir, args.pretrain_steps, args.steps, args.seeds)
-    note_s, note_accs = run_notebook(data_dir, args.pretrain_steps, args.steps, args.seeds)
+    sweep_s, sweep_accs, costs = run_dlsweep(tmp, data_dir, args.pretrain_steps, args.steps, args.seeds, args.pretrain_seed,
+                                             args.precision)
+    note_s, note_accs = run_notebook(data_dir, args.pretrain_steps, args.steps, args.seeds, args.pretrain_seed)
     cores = len(os.sched_getaffinity(0))
     print(f"E2 few-label study, matched: 1 pretraining of {args.pretrain_steps} steps + {2 * len(BUDGETS) * args.seeds} "
           f"fine-tunes of {args.steps} steps; torch {torch.__version__}, {cores} cores")

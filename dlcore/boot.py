@@ -1,13 +1,22 @@
-"""Ray's settings and start, in a module that imports nothing heavy.
+"""What a run does before its trials, in a module that imports neither Ray's Tune nor MLflow: the
+checks that end a bad run before anything starts or is written, Ray's settings and Ray's start.
 
-`dlsweep run` on a private Ray starts Ray in its main thread (ray.init must run there) while a
-second thread imports the runner (Tune, MLflow, the core), checks the sweep and opens its MLflow
-experiment: the two take seconds each on a small machine, and neither needs the other.
+`dlsweep run` on a private Ray checks the run here, then starts Ray in its main thread (ray.init
+must run there) while a second thread imports the runner (Tune, MLflow) and opens the sweep's
+MLflow experiment: seconds each on a small machine, and neither needs the other.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .spec import SpecError, Sweep, check_all, format_validation_error
+from .store import Paths, RunError, default_uri, probe, read_state, store_problem
+from .supervisor import reachable
 
 # Quiet Ray before it is imported: no usage prompt, no per-trial loggers, experiment state
 # saved every second so that a killed sweep loses (almost) no record of finished trials.
@@ -30,3 +39,78 @@ def start_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              configure_logging=True)
+
+
+@dataclass
+class Checked:
+    """A sweep that passed every check a run makes before it writes anything, with the MLflow
+    experiment it logs to (``open_experiment``); ``state`` is the saved state of a resumed sweep."""
+
+    sweep: Sweep
+    source: str
+    paths: Paths
+    ds: object
+    uri: str
+    experiment: str
+    joined: str | None
+    address: str | None
+    storage: str | None
+    state: dict | None
+    experiment_id: str | None = None
+    started: float = 0.0  # time.perf_counter() when Ray began to start: the sweep's wall_s counts from there
+
+    def open_experiment(self) -> "Checked":
+        from .tracking import ensure_experiment  # MLflow
+
+        self.experiment_id = ensure_experiment(self.uri, self.experiment, self.paths.artifacts)
+        return self
+
+
+def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
+              resume: bool = False, storage: str | None = None, ds=None) -> Checked:
+    """What ``run_sweep`` checks before it starts Ray or writes anything; raises SpecError/DataError/RunError.
+    ``ds``: check_all's data sets for ``sweep``, when the caller checked it already."""
+    storage = storage.rstrip("/") if storage else None
+    if ds is None and not resume:  # a resumed sweep's spec is the one in its state
+        ds = check_all(sweep, source)
+    if storage:
+        trouble = store_problem(storage)
+        if trouble:
+            raise RunError(trouble)
+    paths = Paths(Path(root).resolve(), storage)
+    state_path = paths.state(sweep.name)
+    state = None
+    if resume:
+        state = read_state(state_path, storage, sweep.name)
+        if state is None:
+            raise RunError(f"{source}: nothing to resume: {sweep.name} has never run under "
+                           f"{paths.root}{f' or {storage}' if storage else ''}")
+        if storage and state.get("storage") != storage:
+            raise RunError(f"{source}: the last run of {sweep.name} kept its state in {state.get('storage') or paths.root}, "
+                           f"not {storage}: resume with that")
+        paths = Paths(paths.root, state.get("storage"))
+        db = state["tracking_uri"].removeprefix("sqlite:///")
+        if state["tracking_uri"].startswith("sqlite:///") and not Path(db).exists():
+            raise RunError(f"{source}: the sweep's MLflow store {db} is not on this machine (a new head node?); "
+                           "its runs cannot be continued here. Sweeps that must outlive their head log to a "
+                           "tracking server (--tracking-uri http://...)")
+        if state["status"] == "finished":
+            raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
+        try:
+            sweep = Sweep.model_validate(state["spec"])
+        except ValidationError as e:  # saved by an older dlsweep whose rules were looser
+            raise SpecError(format_validation_error(f"{state_path} (saved spec)", e)) from None
+        tracking_uri = state["tracking_uri"]
+    if ds is None:
+        ds = check_all(sweep, source)
+
+    joined = address or os.environ.get("RAY_ADDRESS")
+    where = joined.removeprefix("ray://") if joined else None
+    if where and ":" in where and not reachable(where, timeout=5.0):  # before anything is written: ray.init would hang
+        raise RunError(f"no Ray cluster answers at {joined}; start it, or leave out --address (and RAY_ADDRESS) "
+                       "for a private local Ray")
+    uri = tracking_uri or sweep.tracking.uri or default_uri(paths.root)
+    trouble = probe(uri)
+    if trouble:
+        raise RunError(trouble)
+    return Checked(sweep, source, paths, ds, uri, sweep.tracking.experiment or sweep.name, joined, address, storage, state)

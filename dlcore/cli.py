@@ -165,38 +165,43 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
 
 def _run_private(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, resume: bool,
                  storage: str | None) -> dict:
-    """run_sweep on a private local Ray, started at once: its processes start in this (main) thread
-    while a second one imports the runner (Tune, MLflow, the core), checks the sweep and opens its
-    MLflow experiment, seconds each on a small machine that neither needs the other for. A sweep
-    that fails its checks stops the Ray it started and writes nothing."""
+    """run_sweep on a private local Ray: the run's checks first (a bad run ends here, before Ray
+    starts or anything is written), then Ray's start in this (main) thread while a second one
+    imports the runner (Tune, MLflow) and opens the sweep's MLflow experiment, seconds each on a
+    small machine that neither needs the other for."""
+    import threading
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from . import boot
 
-    from .spec import check_all
-
-    ds = None if resume else check_all(sweep, str(sweep_file))  # a bad sweep ends here, before Ray starts
-
-    def checked():
-        from .runner import check_run
-
-        return check_run(sweep, str(sweep_file), store, tracking_uri, None, resume, storage, ds).open_experiment()
-
+    checked = boot.check_run(sweep, str(sweep_file), store, tracking_uri, None, resume, storage)
     import ray
+    import ray._common.usage.usage_lib  # noqa: F401 -- imported here first, not by both threads at once
 
+    stop = threading.Event()  # set when Ray's start failed or was interrupted: write nothing
+
+    def opened():
+        from . import runner  # noqa: F401 -- the import is what overlaps Ray's start
+
+        return None if stop.is_set() else checked.open_experiment()
+
+    own_ray = not ray.is_initialized()
+    checked.started = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
-        ready = pool.submit(checked)
+        ready = pool.submit(opened)
         try:
             boot.start_ray(None)
-            run = ready.result()
+            ready.result()
         except BaseException:
-            ready.cancel()
-            ray.shutdown()
+            stop.set()
+            if own_ray and ray.is_initialized():
+                ray.shutdown()
             raise
     from .runner import _quiet_tune, run_checked
 
     _quiet_tune()
-    return run_checked(run, console, own_ray=True)
+    return run_checked(checked, console, own_ray=own_ray)
 
 
 def _drive_apart(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None,

@@ -8,7 +8,6 @@ the other seeds reuse) and ASHA stops weak trials against the others of the same
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -32,14 +31,13 @@ from ray.train._internal.checkpoint_manager import _CheckpointManager  # noqa: E
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from . import cache, search, tracking  # noqa: E402
-from . import data as D  # noqa: E402
-from .spec import Job, SpecError, Sweep, check_all, finetune_cells, format_validation_error, pretrain_jobs  # noqa: E402
-from .store import Paths, RunError, read_state, store_problem, write_state  # noqa: E402, F401  (RunError: callers' runner.RunError)
+from .spec import Job, Sweep, finetune_cells, pretrain_jobs  # noqa: E402
+from .boot import Checked, check_run  # noqa: E402
+from .store import Paths, RunError, write_state  # noqa: E402, F401  (RunError: callers' runner.RunError)
 from .supervisor import gone, reachable  # noqa: E402
 from .train import DIVERGED_ABOVE, TrainConfig  # noqa: E402
 from .trial import run_trial  # noqa: E402
@@ -479,79 +477,6 @@ def _open_sweep(sweep: Sweep, source: str, uri: str, experiment_id: str, storage
     return state
 
 
-@dataclasses.dataclass
-class Checked:
-    """A sweep that passed every check a run makes before it writes anything, with the MLflow
-    experiment it logs to (``open_experiment``); ``state`` is the saved state of a resumed sweep."""
-
-    sweep: Sweep
-    source: str
-    paths: Paths
-    ds: object
-    uri: str
-    experiment: str
-    joined: str | None
-    address: str | None
-    storage: str | None
-    state: dict | None
-    experiment_id: str | None = None
-    started: float = dataclasses.field(default_factory=time.perf_counter)  # the sweep's wall_s counts from here
-
-    def open_experiment(self) -> "Checked":
-        self.experiment_id = tracking.ensure_experiment(self.uri, self.experiment, self.paths.artifacts)
-        return self
-
-
-def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, storage: str | None = None, ds=None) -> Checked:
-    """What ``run_sweep`` checks before it starts Ray or writes anything; raises SpecError/DataError/RunError.
-    ``ds``: check_all's data sets for ``sweep``, when the caller checked it already."""
-    storage = storage.rstrip("/") if storage else None
-    if ds is None and not resume:  # a resumed sweep's spec is the one in its state
-        ds = check_all(sweep, source)
-    if storage:
-        trouble = store_problem(storage)
-        if trouble:
-            raise RunError(trouble)
-    paths = Paths(Path(root).resolve(), storage)
-    state_path = paths.state(sweep.name)
-    state = None
-    if resume:
-        state = read_state(state_path, storage, sweep.name)
-        if state is None:
-            raise RunError(f"{source}: nothing to resume: {sweep.name} has never run under "
-                           f"{paths.root}{f' or {storage}' if storage else ''}")
-        if storage and state.get("storage") != storage:
-            raise RunError(f"{source}: the last run of {sweep.name} kept its state in {state.get('storage') or paths.root}, "
-                           f"not {storage}: resume with that")
-        paths = Paths(paths.root, state.get("storage"))
-        db = state["tracking_uri"].removeprefix("sqlite:///")
-        if state["tracking_uri"].startswith("sqlite:///") and not Path(db).exists():
-            raise RunError(f"{source}: the sweep's MLflow store {db} is not on this machine (a new head node?); "
-                           "its runs cannot be continued here. Sweeps that must outlive their head log to a "
-                           "tracking server (--tracking-uri http://...)")
-        if state["status"] == "finished":
-            raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
-        try:
-            sweep = Sweep.model_validate(state["spec"])
-        except ValidationError as e:  # saved by an older dlsweep whose rules were looser
-            raise SpecError(format_validation_error(f"{state_path} (saved spec)", e)) from None
-        tracking_uri = state["tracking_uri"]
-    if ds is None:
-        ds = check_all(sweep, source)
-
-    joined = address or os.environ.get("RAY_ADDRESS")
-    where = joined.removeprefix("ray://") if joined else None
-    if where and ":" in where and not reachable(where, timeout=5.0):  # before anything is written: ray.init would hang
-        raise RunError(f"no Ray cluster answers at {joined}; start it, or leave out --address (and RAY_ADDRESS) "
-                       "for a private local Ray")
-    uri = tracking_uri or sweep.tracking.uri or tracking.default_uri(paths.root)
-    trouble = tracking.probe(uri)
-    if trouble:
-        raise RunError(trouble)
-    return Checked(sweep, source, paths, ds, uri, sweep.tracking.experiment or sweep.name, joined, address, storage, state)
-
-
 def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
               resume: bool = False, console: Console | None = None, supervised: bool = False,
               storage: str | None = None) -> dict:
@@ -568,6 +493,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     # A fresh sqlite store takes seconds to build its schema, and Ray seconds to start its processes:
     # the one in a thread while the other starts.
     own_ray = not ray.is_initialized()
+    checked.started = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
         setup = pool.submit(checked.open_experiment)
         try:

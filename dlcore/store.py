@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +112,24 @@ def store_problem(storage: str, create: bool = True) -> str | None:
     except Exception as e:  # noqa: BLE001 -- unknown scheme, credentials, endpoint: pyarrow raises many kinds
         return f"--storage {storage}: {first_line(e)}"
     return None
+
+
+def default_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def probe(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the tracking store at ``uri`` cannot be used (one line), or None. Only HTTP servers are
+    probed: a local sqlite store is created on first use."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return None
+            return f"tracking server {uri} answered /health with HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"tracking server {uri} answered /health with HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"tracking server {uri} does not answer ({reason}); start it, or drop --tracking-uri to log locally"

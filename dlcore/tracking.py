@@ -16,8 +16,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -34,17 +32,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray import tune  # noqa: E402
 
-from .store import first_line
+from .store import default_uri, first_line, probe  # noqa: F401  (callers' tracking.default_uri)
 from .train import RESUME
 
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a fresh store
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 TAG = "dlsweep."  # prefix of every tag this tool sets
-
-
-def default_uri(root: Path) -> str:
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
@@ -529,23 +523,6 @@ def delete_interrupted_runs(uri: str, experiment_id: str, parent_run_id: str) ->
                               filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TAG}outcome` = 'interrupted'")
     for r in runs:
         client.delete_run(r.info.run_id)
-
-
-def probe(uri: str, timeout: float = 5.0) -> str | None:
-    """Why the tracking store at ``uri`` cannot be used (one line), or None. Only HTTP servers are
-    probed: a local sqlite store is created on first use."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            if r.status == 200:
-                return None
-            return f"tracking server {uri} answered /health with HTTP {r.status}"
-    except urllib.error.HTTPError as e:
-        return f"tracking server {uri} answered /health with HTTP {e.code}"
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        return f"tracking server {uri} does not answer ({reason}); start it, or drop --tracking-uri to log locally"
 
 
 def finish_parent(uri: str, run_id: str, status: str, tags: dict | None = None, metrics: dict | None = None) -> None:
