@@ -67,12 +67,10 @@ class Checked:
 
 
 def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, storage: str | None = None, ds=None) -> Checked:
-    """What ``run_sweep`` checks before it starts Ray or writes anything; raises SpecError/DataError/RunError.
-    ``ds``: check_all's data sets for ``sweep``, when the caller checked it already."""
+              resume: bool = False, storage: str | None = None) -> Checked:
+    """What a run checks before it starts Ray or writes anything; raises SpecError/DataError/RunError."""
     storage = storage.rstrip("/") if storage else None
-    if ds is None and not resume:  # a resumed sweep's spec is the one in its state
-        ds = check_all(sweep, source)
+    ds = None if resume else check_all(sweep, source)  # a resumed sweep's spec is the one in its state
     if storage:
         trouble = store_problem(storage)
         if trouble:
