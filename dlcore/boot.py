@@ -1,14 +1,18 @@
 """What a run does before its trials, in a module that imports neither Ray's Tune nor MLflow: the
 checks that end a bad run before anything starts or is written, Ray's settings and Ray's start.
 
-`dlsweep run` on a private Ray checks the run here, then starts Ray in its main thread (ray.init
-must run there) while a second thread imports the runner (Tune, MLflow) and opens the sweep's
-MLflow experiment: seconds each on a small machine, and neither needs the other.
+A run checks itself here (``check_run``), then starts Ray in its main thread (ray.init must run
+there) while a second thread imports MLflow and Tune and opens the sweep's MLflow experiment
+(``start``): seconds each on a small machine, and neither needs the other. `dlsweep run` calls
+both before it imports the runner, so that those imports overlap Ray's start too.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +56,46 @@ class Checked:
     ds: object
     uri: str
     experiment: str
-    joined: str | None
-    address: str | None
+    joined: str | None  # the cluster it joins (--address or RAY_ADDRESS); None: a private Ray
     storage: str | None
     state: dict | None
     experiment_id: str | None = None
     started: float = 0.0  # time.perf_counter() when Ray began to start: the sweep's wall_s counts from there
 
     def open_experiment(self) -> "Checked":
-        from .tracking import ensure_experiment  # MLflow
+        from .tracking import ensure_experiment  # MLflow and Tune: most of what overlaps Ray's start in `start`
 
         self.experiment_id = ensure_experiment(self.uri, self.experiment, self.paths.artifacts)
         return self
+
+
+def start(checked: Checked, address: str | None) -> bool:
+    """Start (or join) Ray for ``checked`` while a second thread opens its MLflow experiment (a fresh
+    sqlite store takes seconds to build its schema, and importing MLflow and Tune seconds more);
+    returns whether the Ray is the sweep's own (a private one, to shut down at its end). A failure
+    or Ctrl-C on either side stops the Ray it started, and the experiment is then not created."""
+    import ray
+    import ray._common.usage.usage_lib  # noqa: F401 -- imported here first, not by both threads at once
+
+    stop = threading.Event()
+
+    def opened() -> None:
+        if not stop.is_set():
+            checked.open_experiment()
+
+    own_ray = not ray.is_initialized()
+    checked.started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        ready = pool.submit(opened)
+        try:
+            start_ray(address)
+            ready.result()
+        except BaseException:
+            stop.set()
+            if own_ray and ray.is_initialized():
+                ray.shutdown()
+            raise
+    return own_ray
 
 
 def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
@@ -111,4 +143,4 @@ def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     trouble = probe(uri)
     if trouble:
         raise RunError(trouble)
-    return Checked(sweep, source, paths, ds, uri, sweep.tracking.experiment or sweep.name, joined, address, storage, state)
+    return Checked(sweep, source, paths, ds, uri, sweep.tracking.experiment or sweep.name, joined, storage, state)

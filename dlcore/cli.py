@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .store import Paths, RunError
+from .store import Paths, RunError, default_uri
 from .supervisor import reap, supervise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -165,42 +165,15 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
 
 def _run_private(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, resume: bool,
                  storage: str | None) -> dict:
-    """run_sweep on a private local Ray: the run's checks first (a bad run ends here, before Ray
-    starts or anything is written), then Ray's start in this (main) thread while a second one
-    imports the runner (Tune, MLflow) and opens the sweep's MLflow experiment, seconds each on a
-    small machine that neither needs the other for."""
-    import threading
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
+    """run_sweep on a private local Ray, with the runner imported only once Ray is up: the run's
+    checks first (a bad run ends here, before Ray starts or anything is written), then Ray's start
+    beside the MLflow experiment's (boot.start), both before the runner's imports."""
     from . import boot
 
     checked = boot.check_run(sweep, str(sweep_file), store, tracking_uri, None, resume, storage)
-    import ray
-    import ray._common.usage.usage_lib  # noqa: F401 -- imported here first, not by both threads at once
+    own_ray = boot.start(checked, None)
+    from .runner import run_checked
 
-    stop = threading.Event()  # set when Ray's start failed or was interrupted: write nothing
-
-    def opened():
-        from . import runner  # noqa: F401 -- the import is what overlaps Ray's start
-
-        return None if stop.is_set() else checked.open_experiment()
-
-    own_ray = not ray.is_initialized()
-    checked.started = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:
-        ready = pool.submit(opened)
-        try:
-            boot.start_ray(None)
-            ready.result()
-        except BaseException:
-            stop.set()
-            if own_ray and ray.is_initialized():
-                ray.shutdown()
-            raise
-    from .runner import _quiet_tune, run_checked
-
-    _quiet_tune()
     return run_checked(checked, console, own_ray=own_ray)
 
 
@@ -280,7 +253,6 @@ def report(
     from mlflow.tracking import MlflowClient
 
     from . import report as R
-    from .tracking import default_uri
 
     name = sweep
     if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
@@ -443,8 +415,6 @@ def ui(
     port: int = typer.Option(5000, "--port", help="Port to listen on."),
 ):
     """Open the MLflow UI for the local store; Ctrl-C or SIGTERM stops the server with all its workers."""
-    from .tracking import default_uri
-
     db = store / "mlflow.db"
     if not db.exists():
         fail(f"no MLflow store at {db}; run a sweep first")

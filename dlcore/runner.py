@@ -18,7 +18,6 @@ import threading
 import time
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import cache, search, tracking  # noqa: E402
 from .spec import Job, Sweep, finetune_cells, pretrain_jobs  # noqa: E402
 from .boot import Checked, check_run  # noqa: E402
-from .store import Paths, RunError, write_state  # noqa: E402, F401  (RunError: callers' runner.RunError)
+from .store import Paths, RunError, write_state  # noqa: E402
 from .supervisor import gone, reachable  # noqa: E402
 from .train import DIVERGED_ABOVE, TrainConfig  # noqa: E402
 from .trial import run_trial  # noqa: E402
@@ -442,11 +441,6 @@ def _quiet_tune() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _start_ray(address: str | None) -> None:
-    _quiet_tune()
-    boot.start_ray(address)
-
-
 def _open_sweep(sweep: Sweep, source: str, uri: str, experiment_id: str, storage: str | None, paths: Paths,
                 console: Console, state: dict | None) -> dict:
     """The sweep's MLflow side before its trials: a resumed sweep (``state``) sends what its last run
@@ -490,19 +484,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     ``storage``: an object-store URI (``s3://bucket/prefix``) for Tune's state, the checkpoints and
     the pretrain cache, for clusters whose nodes share no disk; a resumed sweep keeps its own."""
     checked = check_run(sweep, source, root, tracking_uri, address, resume, storage)
-    # A fresh sqlite store takes seconds to build its schema, and Ray seconds to start its processes:
-    # the one in a thread while the other starts.
-    own_ray = not ray.is_initialized()
-    checked.started = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:
-        setup = pool.submit(checked.open_experiment)
-        try:
-            _start_ray(address)
-            setup.result()
-        except BaseException:
-            if own_ray and ray.is_initialized():
-                ray.shutdown()
-            raise
+    own_ray = boot.start(checked, address)
     return run_checked(checked, console, supervised, own_ray)
 
 
@@ -510,6 +492,7 @@ def run_checked(checked: Checked, console: Console | None = None, supervised: bo
     """``run_sweep`` once its checks passed, its experiment is open and Ray is up; ``own_ray``: the
     Ray is this sweep's own (a private one, shut down at the end; a joined cluster is left running)."""
     console = console or Console()
+    _quiet_tune()
     sweep, source, paths, ds, uri, storage = checked.sweep, checked.source, checked.paths, checked.ds, checked.uri, checked.storage
     joined, resume = checked.joined, checked.state is not None
     state_path = paths.state(sweep.name)

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray import tune  # noqa: E402
 
-from .store import default_uri, first_line, probe  # noqa: F401  (callers' tracking.default_uri)
+from .store import first_line
 from .train import RESUME
 
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a fresh store

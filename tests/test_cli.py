@@ -13,6 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from dlcore.store import default_uri
 from dlcore.cli import app
 from test_spec import MINIMAL, SWEEPS
 
@@ -133,7 +134,7 @@ def serve_ui(tmp_path) -> tuple[subprocess.Popen, int, dict]:
 
     store = tmp_path / "store"
     store.mkdir()
-    uri = tracking.default_uri(store)
+    uri = default_uri(store)
     exp = tracking.ensure_experiment(uri, "study", store / "artifacts")
     tracking.start_parent(uri, exp, "sweep x", {"a": 1}, {"sweep": "study"})
     port = free_port()

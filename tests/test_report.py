@@ -10,6 +10,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from dlcore.store import default_uri
 from dlcore import plots
 from dlcore import report as R
 from dlcore import tracking
@@ -58,7 +59,7 @@ def fill(tmp_path, drop=(), fail=(), seeds=(0, 1, 2), extras=False, data=None, v
     """Two samples per cell and seed: the first best on validation, the second better on test (never
     chosen). ``extras``: a third arm 'dae' whose stage diverged (blocked), a diverged, a failed and an
     interrupted trial that each have the best validation value of their cell, and two stage runs."""
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     client = MlflowClient(uri)
     raw = {**SPEC, "name": name, "data": data or SPEC["data"], "finetune": {**SPEC["finetune"], "seeds": list(seeds)}}
     if extras:
@@ -341,7 +342,7 @@ def test_loss_curves_for_a_chosen_cell(tmp_path):
 def test_realistic_runs_with_step_budgets_read_off_become_one_trial_per_budget(tmp_path):
     """A 200-step run under 'realistic' that recorded its 100-step result: two cells per arm and budget,
     the budget's labels are all it used, and the 100-step cell's numbers are the run's at100/ metrics."""
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     client = MlflowClient(uri)
     raw = {**SPEC, "validation": {"protocol": "realistic", "fraction": 0.2},
            "finetune": {**SPEC["finetune"], "steps": [100, 200], "samples": 1, "search": {}}}
@@ -401,7 +402,7 @@ def test_compare_two_reports_of_the_same_grid(tmp_path):
 
 
 def test_a_pretraining_grid_gets_a_table_and_a_figure(tmp_path):
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     client = MlflowClient(uri)
     raw = {**SPEC, "pretrain": {"ae": {"objective": "autoencoder", "steps": 10, "grid": {"encoder_args.latent_dim": [2, 8]}}},
            "finetune": {**SPEC["finetune"], "samples": 1, "search": {}, "seeds": [0, 1]}}
@@ -431,7 +432,7 @@ def test_stage_embeddings_become_a_figure_a_table_and_a_csv(tmp_path):
 
     from dlcore.embeddings import embedding_stats
 
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     client = MlflowClient(uri)
     spec = Sweep.model_validate({**SPEC, "finetune": None}).model_dump(mode="json", by_alias=True)
     exp = tracking.ensure_experiment(uri, "known", tmp_path / "artifacts")
@@ -524,7 +525,7 @@ def test_the_settings_table_says_what_each_stage_and_arm_trained_with():
 
 
 def test_a_random_init_probe_is_the_baseline_of_the_probes_not_a_pretrained_arm(tmp_path):
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     client = MlflowClient(uri)
     raw = {**SPEC, "name": "probes", "finetune": {**SPEC["finetune"], "labels": [100], "search": {}, "samples": 1, "arms": {
         "scratch": {}, "linear": {"from": "ae", "finetune": "linear", "features": "conv"},

@@ -5,6 +5,7 @@ import time
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from dlcore.store import default_uri
 from dlcore import tracking
 
 
@@ -17,7 +18,7 @@ def test_a_trial_continued_from_its_checkpoint_keeps_its_run_and_logs_each_evalu
     reports steps 40..60 again: its run is the same, each step logged once, the final metrics kept,
     the outcome of the stopped attempt cleared and the restart counted, once even when a killed
     driver's queue sends that start again. One restarted from step 0 (no checkpoint) replaces its run."""
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     exp = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
     parent = tracking.start_parent(uri, exp, "sweep", {"a": 1}, {"sweep": "study"})
     box = tracking.Outbox(uri, tmp_path / "outbox.json")
@@ -57,7 +58,7 @@ def test_a_trial_continued_from_its_checkpoint_keeps_its_run_and_logs_each_evalu
 def test_a_background_outbox_sends_in_order_off_the_callers_thread_and_keeps_its_queue_on_disk(tmp_path):
     """The sweep's callback queues; a thread sends, in order. What is queued is on disk before it is
     sent (a driver killed then loses nothing), and the file goes once everything is sent."""
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     exp = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
     parent = tracking.start_parent(uri, exp, "sweep", {"a": 1}, {"sweep": "study"})
     box = tracking.Outbox(uri, tmp_path / "outbox.json", background=True)
@@ -100,7 +101,7 @@ def test_trials_stopped_by_the_sweep_end_their_runs_as_their_last_results_say(tm
             tune.report({"step": 10, "val_loss": 0.5, "test_loss": 0.4, "test_acc": 0.9})
         time.sleep(30)  # the final result is out; returning takes a while (a trial's last writes)
 
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     exp = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
     parent = tracking.start_parent(uri, exp, "sweep", {"a": 1}, {"sweep": "study"})
     callback = tracking.MlflowCallback(uri, exp, parent, tmp_path / "outbox.json")
@@ -128,7 +129,7 @@ def test_a_callback_pickled_by_an_older_dlsweep_is_restored_with_no_trial_open(t
     kept its open trials has no such set, and gets an empty one."""
     import pickle
 
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     callback = tracking.MlflowCallback(uri, "0", "parent", tmp_path / "outbox.json")
     del callback.open
     del callback.outbox.storage_fs
@@ -144,7 +145,7 @@ def test_a_trial_end_logs_its_checkpoint_from_the_storage_without_its_restart_st
     pyarrow filesystem that is not LocalFileSystem (a subtree of a folder)."""
     from pyarrow import fs
 
-    uri = tracking.default_uri(tmp_path)
+    uri = default_uri(tmp_path)
     exp = tracking.ensure_experiment(uri, "study", tmp_path / "artifacts")
     parent = tracking.start_parent(uri, exp, "sweep", {"a": 1}, {"sweep": "study"})
     bucket = tmp_path / "bucket"
