@@ -328,6 +328,7 @@ class Sweep(Strict):
     max_failures: int = Field(0, ge=0, le=100)
     tracking: Tracking = Field(default_factory=Tracking)
     _overrides: list[str] = PrivateAttr(default_factory=list)  # the --set texts it was loaded with, so that errors can name them
+    _full: Optional["Sweep"] = PrivateAttr(None)  # a smoke run's full-size sweep, whose budgets are checked too
 
     @model_validator(mode="before")
     @classmethod
@@ -419,15 +420,27 @@ def load_sweep(path: str | Path, overrides: list[str] = (), smoke: bool = False,
         except SpecError as e:
             raise SpecError(f"{path} --profile {name}: {e}") from None
         chosen.pop("profiles", None)
-        # A profile's runs are their own sweep (state, MLflow experiment, report folder): <name>-<profile>.
-        checked = _validate({**renamed(chosen, name), "profile": name}, Path(f"{path} --profile {name}"), list(overrides))
+        checked = _named(_validate({**chosen, "profile": name}, Path(f"{path} --profile {name}"), list(overrides)), name)
         if name == profile:
             sweep = checked
     if profile is None:
         sweep = _validate({k: v for k, v in raw.items() if k != "profiles"}, path, list(overrides))
     if smoke:  # the smoke sizes, then the user's --set again: what they set by hand wins
-        sweep = _validate(renamed(shrink(sweep).model_dump(by_alias=True), "smoke"), path, list(overrides))
+        full = sweep
+        sweep = _named(_validate(shrink(full).model_dump(by_alias=True), path, list(overrides)), "smoke", like=full)
+        sweep._full = full
     return sweep
+
+
+def _named(sweep: Sweep, suffix: str, like: Sweep | None = None) -> Sweep:
+    """``sweep`` (named as ``like``, when given) as its own sweep ``<name>-<suffix>`` (a profile's or a
+    smoke run's state, MLflow experiment and report folder), after the --set lines: a name set by hand
+    gets the suffix too, so that ``--smoke --set name=x`` never mixes with ``--set name=x``."""
+    like = like or sweep
+    raw = {**sweep.model_dump(by_alias=True), "name": like.name, "tracking": like.tracking.model_dump(by_alias=True)}
+    named = Sweep.model_validate(renamed(raw, suffix))
+    named._overrides = sweep._overrides
+    return named
 
 
 def renamed(raw: dict, suffix: str) -> dict:
@@ -658,6 +671,12 @@ def check_all(sweep: Sweep, source: str) -> D.Dataset:
     except D.DataError as e:
         raise _error(sweep, source, "data.dataset", str(e)) from None
     check_budgets(sweep, ds, source)
+    if sweep._full is not None:  # a smoke run that passes says the file's full-size run would start too
+        try:
+            check_jobs(sweep._full, source)
+            check_budgets(sweep._full, ds, source)
+        except SpecError as e:
+            raise SpecError(f"{e} (in the full-size sweep, of which --smoke runs a part)") from None
     return ds
 
 

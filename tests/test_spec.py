@@ -64,6 +64,28 @@ def test_smoke_keeps_set_values(tmp_path):
     assert sweep.finetune.samples == 4 and sweep.finetune.seeds == [3, 4] and sweep.finetune.steps == [40]
 
 
+def test_a_smoke_or_profile_run_is_its_own_sweep_even_when_named_by_hand(tmp_path):
+    raw = {**MINIMAL, "tracking": {"experiment": "mine"}, "profiles": {"cpu": {"finetune.steps": [20]}}}
+    path = write(tmp_path, raw)
+    named = S.load_sweep(path, ["name=x"], smoke=True)
+    assert (named.name, named.tracking.experiment) == ("x-smoke", "mine-smoke")
+    assert S.load_sweep(path, ["name=x"], profile="cpu").name == "x-cpu"
+    assert S.load_sweep(path, ["name=x"], profile="cpu", smoke=True).name == "x-cpu-smoke"
+    assert S.load_sweep(path, smoke=True).name == "study-smoke" and S.load_sweep(path).name == "study"
+
+
+def test_smoke_passes_only_a_file_whose_full_size_run_would_start(tmp_path, data_dir):
+    raw = {**MINIMAL, "data": {**MINIMAL["data"], "data_dir": data_dir},
+           "finetune": {**MINIMAL["finetune"], "labels": [20, 40, 70000]}}
+    sweep = S.load_sweep(write(tmp_path, raw), smoke=True)
+    assert sweep.finetune.labels == [20, 40]  # the smoke run itself would fit
+    with pytest.raises(S.SpecError, match=r"^study.yaml: finetune.labels: label budget 70000 .* exceeds the 59500 .*"
+                                          r"\(in the full-size sweep, of which --smoke runs a part\)$"):
+        S.check_all(sweep, "study.yaml")
+    raw["finetune"]["labels"] = [20, 40, 1000]
+    assert S.check_all(S.load_sweep(write(tmp_path, raw), smoke=True), "study.yaml").num_classes == 10
+
+
 def test_yaml_merge_keys_may_override_what_they_merge(tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text("pretrain:\n  a: &a {objective: autoencoder, steps: 30}\n  b:\n    <<: *a\n    steps: 10\n"
