@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .spec import SpecError, Sweep, check_all, format_validation_error
-from .store import Paths, RunError, default_uri, probe, read_state, store_problem
+from .store import Paths, RunError, default_uri, dotted_differences, probe, read_state, resume_command, store_problem
 from .supervisor import reachable
 
 # Quiet Ray before it is imported: no usage prompt, no per-trial loggers, experiment state
@@ -61,6 +61,13 @@ class Checked:
     state: dict | None
     experiment_id: str | None = None
     started: float = 0.0  # time.perf_counter() when Ray began to start: the sweep's wall_s counts from there
+    flags: tuple[str, ...] = ()  # the command's flags that name the sweep and place its store (resume_command)
+    ignored: tuple[str, ...] = ()  # resumed: the keys given now that differ from the saved sweep, which runs as saved
+
+    @property
+    def again(self) -> str:
+        """The command that continues this run."""
+        return resume_command(self.source, self.flags, self.paths.storage)
 
     def open_experiment(self) -> "Checked":
         from .tracking import ensure_experiment  # MLflow and Tune: most of what overlaps Ray's start in `start`
@@ -99,8 +106,9 @@ def start(checked: Checked, address: str | None) -> bool:
 
 
 def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, storage: str | None = None) -> Checked:
-    """What a run checks before it starts Ray or writes anything; raises SpecError/DataError/RunError."""
+              resume: bool = False, storage: str | None = None, flags: tuple[str, ...] = ()) -> Checked:
+    """What a run checks before it starts Ray or writes anything; raises SpecError/DataError/RunError.
+    ``flags``: the command's own flags that name the sweep and place its store, for the resume hints."""
     storage = storage.rstrip("/") if storage else None
     ds = None if resume else check_all(sweep, source)  # a resumed sweep's spec is the one in its state
     if storage:
@@ -109,7 +117,7 @@ def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
             raise RunError(trouble)
     paths = Paths(Path(root).resolve(), storage)
     state_path = paths.state(sweep.name)
-    state = None
+    state, ignored = None, []
     if resume:
         state = read_state(state_path, storage, sweep.name)
         if state is None:
@@ -126,6 +134,7 @@ def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
                            "tracking server (--tracking-uri http://...)")
         if state["status"] == "finished":
             raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
+        ignored = dotted_differences(sweep.model_dump(mode="json", by_alias=True), state["spec"])
         try:
             sweep = Sweep.model_validate(state["spec"])
         except ValidationError as e:  # saved by an older dlsweep whose rules were looser
@@ -143,4 +152,5 @@ def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
     trouble = probe(uri)
     if trouble:
         raise RunError(trouble)
-    return Checked(sweep, source, paths, ds, uri, sweep.tracking.experiment or sweep.name, joined, storage, state)
+    return Checked(sweep, source, paths, ds, uri, sweep.tracking.experiment or sweep.name, joined, storage, state,
+                   flags=tuple(flags), ignored=tuple(ignored))

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .store import Paths, RunError, default_uri
+from .store import Paths, RunError, default_uri, resume_command
 from .supervisor import reap, supervise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -109,29 +109,26 @@ def run(
         else:
             _print_plan(p)
         return
+    # What names this sweep and places its store, for the line that says how to continue it.
+    flags = (*(["--smoke"] if smoke else []), *(["--profile", profile] if profile else []),
+             *(x for text in set_ for x in ("--set", text)), *([] if store == ROOT_OPTION.default else ["--store", str(store)]))
     if address or os.environ.get("RAY_ADDRESS"):  # a cluster that can go away under its driver: outlive it
-        raise typer.Exit(_drive_apart(sweep, sweep_file, store, tracking_uri, address, resume, storage))
-    _drive(sweep, sweep_file, store, tracking_uri, address, resume, storage=storage)
+        raise typer.Exit(_drive_apart(sweep, sweep_file, store, tracking_uri, address, resume, storage, flags))
+    _drive(sweep, sweep_file, store, tracking_uri, address, resume, storage=storage, flags=flags)
 
 
 @app.command(hidden=True)
-def drive(job: str = typer.Argument(..., help="The run as JSON: spec, source, store, tracking_uri, address, resume, storage.")):
+def drive(job: str = typer.Argument(..., help="The run as JSON: spec, source, store, tracking_uri, address, resume, storage, flags.")):
     """The driver of a `dlsweep run` that joins a Ray cluster, started by that run as its child."""
     j = json.loads(job)
     from .spec import Sweep
 
     _drive(Sweep.model_validate(j["spec"]), Path(j["source"]), Path(j["store"]), j["tracking_uri"], j["address"],
-           j["resume"], supervised=True, storage=j.get("storage"))
-
-
-def _again(sweep_file: Path, store: Path, profile: str | None = None, storage: str | None = None) -> str:
-    where = "" if store == Path("mlflow_runs") else f" --store {store}"
-    where += f" --storage {storage}" if storage else ""
-    return f"dlsweep run {sweep_file} --resume{f' --profile {profile}' if profile else ''}{where}"
+           j["resume"], supervised=True, storage=j.get("storage"), flags=tuple(j.get("flags", ())))
 
 
 def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None, resume: bool,
-           supervised: bool = False, storage: str | None = None) -> None:
+           supervised: bool = False, storage: str | None = None, flags: tuple[str, ...] = ()) -> None:
     """Run the sweep in this process and say how it ended; a sweep not done ends in typer.Exit."""
     from .data import DataError
     from .spec import SpecError
@@ -141,12 +138,12 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
             from .runner import run_sweep  # Ray is imported only when something runs
 
             state = run_sweep(sweep, str(sweep_file), store, tracking_uri=tracking_uri, address=address, resume=resume,
-                              console=console, supervised=True, storage=storage)
+                              console=console, supervised=True, storage=storage, flags=flags)
         else:
-            state = _run_private(sweep, sweep_file, store, tracking_uri, resume, storage)
+            state = _run_private(sweep, sweep_file, store, tracking_uri, resume, storage, flags)
     except (SpecError, DataError, RunError) as e:
         fail(str(e), getattr(e, "code", 2))
-    again = _again(sweep_file, store, sweep.profile, state.get("storage"))
+    again = resume_command(str(sweep_file), flags, state.get("storage"))
     s = state["summary"]
     counts = ", ".join(f"{s[k]} {k.replace('_', ' ')}" for k in ("completed", "stopped_early", "diverged", "failed", "blocked") if s[k])
     if state["status"] == "interrupted":
@@ -164,13 +161,13 @@ def _drive(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None
 
 
 def _run_private(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, resume: bool,
-                 storage: str | None) -> dict:
+                 storage: str | None, flags: tuple[str, ...]) -> dict:
     """run_sweep on a private local Ray, with the runner imported only once Ray is up: the run's
     checks first (a bad run ends here, before Ray starts or anything is written), then Ray's start
     beside the MLflow experiment's (boot.start), both before the runner's imports."""
     from . import boot
 
-    checked = boot.check_run(sweep, str(sweep_file), store, tracking_uri, None, resume, storage)
+    checked = boot.check_run(sweep, str(sweep_file), store, tracking_uri, None, resume, storage, flags)
     own_ray = boot.start(checked, None)
     from .runner import run_checked
 
@@ -178,14 +175,14 @@ def _run_private(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str 
 
 
 def _drive_apart(sweep: Sweep, sweep_file: Path, store: Path, tracking_uri: str | None, address: str | None,
-                 resume: bool, storage: str | None = None) -> int:
+                 resume: bool, storage: str | None = None, flags: tuple[str, ...] = ()) -> int:
     """Run the sweep's driver as a child process (``dlsweep drive``) and outlive it, for a Ray cluster
     that goes away ends its driver from C++ before Python can say a word (supervisor.py). The child
     prints as ``_drive`` does; returns the exit code."""
     job = {"spec": sweep.model_dump(mode="json", by_alias=True), "source": str(sweep_file), "store": str(store),
-           "tracking_uri": tracking_uri, "address": address, "resume": resume, "storage": storage}
+           "tracking_uri": tracking_uri, "address": address, "resume": resume, "storage": storage, "flags": flags}
     proc, _ = supervise([sys.executable, "-m", "dlcore.cli", "drive", json.dumps(job)])
-    return reap(proc, Paths(store.resolve()).state(sweep.name), _again(sweep_file, store, sweep.profile, storage), err)
+    return reap(proc, Paths(store.resolve()).state(sweep.name), resume_command(str(sweep_file), flags, storage), err)
 
 
 def _duration(seconds: float) -> str:
@@ -250,6 +247,8 @@ def report(
     store: Path = ROOT_OPTION,
 ):
     """Data-efficiency curves, tables and report.md of a sweep, read back from MLflow."""
+    if target is not None and not 0 < target <= 1:  # the sweep file's 'target' has the same bounds
+        fail(f"--target {target:g}: an accuracy above 0 and at most 1 (0.9 for 90%)")
     from mlflow.tracking import MlflowClient
 
     from . import report as R

@@ -473,7 +473,7 @@ def _open_sweep(sweep: Sweep, source: str, uri: str, experiment_id: str, storage
 
 def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = None, address: str | None = None,
               resume: bool = False, console: Console | None = None, supervised: bool = False,
-              storage: str | None = None) -> dict:
+              storage: str | None = None, flags: tuple[str, ...] = ()) -> dict:
     """Run (or resume) a sweep; returns its state dict, whose ``status`` is finished, failed (some
     trials failed or were blocked) or interrupted. Raises SpecError/DataError/RunError.
 
@@ -483,7 +483,7 @@ def run_sweep(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
 
     ``storage``: an object-store URI (``s3://bucket/prefix``) for Tune's state, the checkpoints and
     the pretrain cache, for clusters whose nodes share no disk; a resumed sweep keeps its own."""
-    checked = check_run(sweep, source, root, tracking_uri, address, resume, storage)
+    checked = check_run(sweep, source, root, tracking_uri, address, resume, storage, flags)
     own_ray = boot.start(checked, address)
     return run_checked(checked, console, supervised, own_ray)
 
@@ -493,6 +493,9 @@ def run_checked(checked: Checked, console: Console | None = None, supervised: bo
     Ray is this sweep's own (a private one, shut down at the end; a joined cluster is left running)."""
     console = console or Console()
     _quiet_tune()
+    if checked.ignored:
+        console.print(f"[yellow]--resume continues {checked.sweep.name} as it was saved; differing now, and not used: "
+                      f"{', '.join(checked.ignored)}[/]", highlight=False, soft_wrap=True)
     sweep, source, paths, ds, uri, storage = checked.sweep, checked.source, checked.paths, checked.ds, checked.uri, checked.storage
     joined, resume = checked.joined, checked.state is not None
     state_path = paths.state(sweep.name)
@@ -510,8 +513,7 @@ def run_checked(checked: Checked, console: Console | None = None, supervised: bo
     def on_ray_loss(where: str) -> None:
         state["status"] = "interrupted"
         write_state(state_path, state)
-        hint = f"dlsweep run {source} --resume"
-        print(f"error: the Ray cluster at {where} went away mid-sweep; state saved; once Ray is back, continue with: {hint}",
+        print(f"error: the Ray cluster at {where} went away mid-sweep; state saved; once Ray is back, continue with: {checked.again}",
               file=sys.stderr, flush=True)
 
     watch = RayWatch(None if supervised else on_ray_loss)
@@ -530,13 +532,13 @@ def run_checked(checked: Checked, console: Console | None = None, supervised: bo
     except BaseException as e:
         watch.stopped.set()
         lost = isinstance(e, Exception) and not watch.alive()
-        _interrupted(state, state_path, uri, console, watch, supervised, source, lost)
+        _interrupted(state, state_path, uri, console, watch, supervised, checked.again, lost)
         raise
     finally:
         watch.stopped.set()
     wait = cluster_wait_s(bool(joined) or not own_ray, study.summary()["failed"], lost_with_ray(study.all_results()))
     if not watch.alive() or (wait and gone(watch.where, within_s=wait)):
-        _interrupted(state, state_path, uri, console, watch, supervised, source, lost=True)
+        _interrupted(state, state_path, uri, console, watch, supervised, checked.again, lost=True)
     summary = {**study.summary(), "headline": study.headline(), "wall_s": time.perf_counter() - started}
     if own_ray:
         ray.shutdown()  # nothing of this sweep's Ray outlives it, in the CLI or in a caller's process
@@ -565,7 +567,7 @@ def cluster_wait_s(joined: bool, failed: int, lost: bool) -> float:
     return 30.0 if lost else 3.0
 
 
-def _interrupted(state: dict, state_path: Path, uri: str, console: Console, watch: RayWatch, supervised: bool, source: str,
+def _interrupted(state: dict, state_path: Path, uri: str, console: Console, watch: RayWatch, supervised: bool, again: str,
                  lost: bool) -> None:
     """Save the sweep as interrupted and end its open runs; when its Ray cluster went away (``lost``),
     its trials lost with it are interrupted too, and this raises the one-line RunError that says so."""
@@ -576,7 +578,7 @@ def _interrupted(state: dict, state_path: Path, uri: str, console: Console, watc
     tracking.finish_sweep(uri, state, console, cluster_lost=lost)
     if lost:
         raise RunError(f"the Ray cluster at {watch.where} went away mid-sweep; state saved; once Ray is back, "
-                       f"continue with: dlsweep run {source} --resume", code=1) from None
+                       f"continue with: {again}", code=1) from None
 
 
 @contextmanager

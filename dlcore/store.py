@@ -114,6 +114,26 @@ def store_problem(storage: str, create: bool = True) -> str | None:
     return None
 
 
+def resume_command(source: str, flags: tuple[str, ...] = (), storage: str | None = None) -> str:
+    """The command that continues a sweep: its file and the flags that named it and placed its store
+    (``--smoke``, ``--profile``, ``--set``, ``--store``), as a shell reads them; ``storage``: its object store."""
+    import shlex
+
+    return shlex.join(["dlsweep", "run", source, "--resume", *flags, *(["--storage", storage] if storage else [])])
+
+
+def dotted_differences(given: dict, saved: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested mappings (a key on one side only counts)."""
+    out = []
+    for key in sorted(set(given) | set(saved), key=str):
+        a, b = given.get(key), saved.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += dotted_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def default_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 

@@ -293,6 +293,26 @@ def test_data_lists_what_the_data_folder_holds(tmp_path, data_dir, monkeypatch):
     assert bad.exit_code == 2 and "no download for 'svhn'" in bad.output
 
 
+def test_resume_runs_the_saved_sweep_and_names_the_values_it_does_not_use(tmp_path, data_dir):
+    from dlcore import boot
+    from dlcore.spec import load_sweep
+    from dlcore.store import Paths, write_state
+
+    path = write(tmp_path, {**MINIMAL, "data": {**MINIMAL["data"], "data_dir": data_dir}})
+    saved, store = load_sweep(path), tmp_path / "store"
+    store.mkdir()
+    (store / "mlflow.db").touch()
+    write_state(Paths(store.resolve()).state(saved.name), {"name": saved.name, "status": "interrupted", "storage": None,
+                                                            "spec": saved.model_dump(mode="json", by_alias=True),
+                                                            "tracking_uri": f"sqlite:///{store / 'mlflow.db'}"})
+    given = load_sweep(path, ["finetune.samples=2", "finetune.seeds=[5]"])
+    checked = boot.check_run(given, str(path), store, resume=True, flags=("--set", "finetune.samples=2", "--set", "x=a b"))
+    assert checked.ignored == ("finetune.samples", "finetune.seeds")
+    assert checked.sweep.finetune.samples == saved.finetune.samples and checked.sweep.finetune.seeds == saved.finetune.seeds
+    assert checked.again == f"dlsweep run {path} --resume --set finetune.samples=2 --set 'x=a b'"
+    assert boot.check_run(saved, str(path), store, resume=True).ignored == ()
+
+
 def test_a_run_that_fails_its_checks_starts_no_ray_and_writes_nothing(tmp_path, data_dir):
     """--resume of a sweep that never ran is found when the state is read: a one-line error before Ray starts
     (`dlsweep run` starts its private Ray while a second thread imports the runner, only once the checks passed)."""

@@ -322,8 +322,11 @@ def test_report_cli_tables_and_one_line_errors_that_leave_the_report_alone(tmp_p
                  if r.data.tags.get("dlsweep.stage") == "finetune")
     _, other = fill(tmp_path, name="other")
     for run, message in [("deadbeef", "run 'deadbeef' does not exist"), (child, "is not a sweep's parent run"),
-                         (other, "belongs to another experiment")]:
-        bad = runner.invoke(app, ["report", "known", "--store", str(tmp_path), "--out", str(rep), "--run", run])
+                         (other, "belongs to another experiment"),
+                         (parent, "--target 80: an accuracy above 0 and at most 1"), (parent, "--target -1: an accuracy")]:
+        target = message.split()[1].rstrip(":") if message.startswith("--target") else None
+        bad = runner.invoke(app, ["report", "known", "--store", str(tmp_path), "--out", str(rep), "--run", run,
+                                  *(["--target", target] if target else [])])
         assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
         assert len(bad.output.strip().splitlines()) == 1
     assert (rep / "report.md").read_text() == good

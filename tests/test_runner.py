@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -219,24 +220,27 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_sweep, tmp_path, data_
     tiny_sweep.write_text(yaml.safe_dump(raw))
     store = tmp_path / "store"
     env = {**os.environ, "DLSWEEP_DATA_DIR": data_dir}
-    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store)], env=env,
-                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Named by a --set, which the line that says how to continue must carry (else it names another sweep).
+    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--set", "name=renamed", "--store",
+                             str(store)], env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((store / "ray").glob("*/*/study-*/*/checkpoint_*")):
         time.sleep(0.5)  # until a trial has reported
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    assert f"continue with: dlsweep run {tiny_sweep} --resume --store {store}" in out
-    assert json.loads((store / "sweeps" / "tiny" / "state.json").read_text())["status"] == "interrupted"
+    again = out.split("continue with: ")[1].splitlines()[0]
+    assert shlex.split(again) == ["dlsweep", "run", str(tiny_sweep), "--resume", "--set", "name=renamed", "--store", str(store)]
+    assert json.loads((store / "sweeps" / "renamed" / "state.json").read_text())["status"] == "interrupted"
     assert "Traceback" not in out
-    _, runs = child_runs(store, "tiny")
+    _, runs = child_runs(store, "renamed")
     assert runs and all(r.info.status != "RUNNING" for r in runs)  # interrupted runs are ended, not left open
     assert {r.data.tags["dlsweep.outcome"] for r in runs} <= {"completed", "interrupted"}
 
     # One Ctrl-C during the resumed tuner stops the whole invocation: no next tuner starts the trial again.
     seen = set(store.glob("ray/*/*/study-*/*/checkpoint_*"))
-    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", "run", str(tiny_sweep), "--store", str(store), "--resume"],
+    proc = subprocess.Popen([sys.executable, "-m", "dlcore.cli", *shlex.split(again)[1:]],  # the line, as pasted
                             env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.time() + 120
@@ -245,9 +249,9 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_sweep, tmp_path, data_
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    state = json.loads((store / "sweeps" / "tiny" / "state.json").read_text())
+    state = json.loads((store / "sweeps" / "renamed" / "state.json").read_text())
     assert state["status"] == "interrupted" and state["tuners"] == ["study-0"], out
-    assert "still owed" not in out
+    assert "still owed" not in out and "not used" not in out  # the pasted line gives what the sweep was run with
 
 
 def test_search_scope_cell_gives_the_other_seeds_the_first_seeds_pick(tiny_sweep, tmp_path, data_dir, monkeypatch):
