@@ -214,12 +214,20 @@ def _print_plan(p: dict) -> None:
             t.add_row("search scope", f"cell: {samples} samples on seed {ft['seeds'][0]}; 1 per other seed, with its pick")
         console.print(t)
     r = p["resources_per_trial"]
-    asha = "ASHA " + (f"grace {p['asha']['grace_period']} steps, x{p['asha']['reduction_factor']}" if p["asha"]["enabled"] else "off")
-    v = p["validation"]
-    how = {"realistic": f"realistic: {v['fraction']:.0%} of each budget's labels", "oracle": "oracle: data.val_size held-out labels",
-           "none": "none: last checkpoint"}[v["protocol"]]
-    console.print(f"select on {p['metric']} ({p['mode']}), validation {how}; {asha}; per trial {r['cpu']} CPU, "
-                  f"{r['gpu']} GPU", highlight=False)
+    import torch  # came with the plan
+
+    here = (os.cpu_count() or 1, torch.cuda.device_count())
+    per_trial = f"per trial {r['cpu']:g} CPU, {r['gpu']:g} GPU" + (
+        f" (this machine has {here[0]} CPU, {here[1]} GPU: a run here gives each trial at most what it has)"
+        if r["cpu"] > here[0] or r["gpu"] > here[1] else "")
+    if not ft:  # a pretraining-only sweep: nothing is selected on labels, nothing stopped early
+        console.print(f"each stage keeps its best checkpoint by validation loss; {per_trial}", highlight=False)
+    else:
+        asha = "ASHA " + (f"grace {p['asha']['grace_period']} steps, x{p['asha']['reduction_factor']:g}" if p["asha"]["enabled"] else "off")
+        v = p["validation"]
+        how = {"realistic": f"realistic: {v['fraction']:.0%} of each budget's labels", "oracle": "oracle: data.val_size held-out labels",
+               "none": "none: last checkpoint"}[v["protocol"]]
+        console.print(f"select on {p['metric']} ({p['mode']}), validation {how}; {asha}; {per_trial}", highlight=False)
     e = p.get("estimate")
     if e and "error" in e:
         console.print(f"[yellow]no wall-time estimate: {e['error']}[/]", highlight=False)
@@ -389,8 +397,10 @@ def _print_report(result: dict, name: str) -> None:
                       R.diff_text(p["loss"], "loss"))
         console.print(t)
     for stage, loss in sorted(result["stage_losses"].items()):
-        if loss is not None:
-            console.print(f"pretraining stage {stage}: test loss {loss:.4f}", highlight=False)
+        if loss is not None:  # each stage's own loss; an autoencoder's L1 and L2 per pixel compare across stages
+            error = ", ".join(f"{k.upper()} {v:.4f}" for k, v in result["stage_errors"].get(stage, {}).items())
+            console.print(f"pretraining stage {stage}: test loss {loss:.4f}" + (f" (its own; per pixel {error})" if error else ""),
+                          highlight=False)
     for e in result["efficiency"]:
         need, ratio = R.efficiency_text(e)
         console.print(f"{e['arm']} with {e['labels']} labels ({e['accuracy']:.2%}, {e['steps']} steps): "

@@ -162,16 +162,18 @@ def accuracy_vs_steps(selected: list, colors: dict, title: str, target: float | 
     return fig
 
 
-def reconstructions(grids: dict[str, dict], losses: dict[str, float]):
-    """Side-by-side blocks, one per stage: E2 autoencoder vs classifier decoder, E5 L1 vs L2."""
+def reconstructions(grids: dict[str, dict], errors: dict[str, dict[str, float]]):
+    """Side-by-side blocks, one per stage: E2 autoencoder vs classifier decoder, E5 L1 vs L2. ``errors``:
+    stage -> its test L1 and L2 per pixel, which compare across stages whatever loss each trained on."""
     rows = {}
     first = next(iter(grids.values()))
     rows["test images"] = first["clean"]
     for stage, samples in grids.items():
         if not torch.equal(samples["input"], samples["clean"]) and "noisy input" not in rows:
             rows["noisy input"] = samples["input"]
-        loss = f" (test loss {losses[stage]:.4f})" if stage in losses else ""
-        rows[f"{stage}{loss}"] = samples["output"]
+        found = errors.get(stage) or {}
+        error = ", ".join(f"{k.upper()} {found[k]:.4f}" for k in ("l1", "l2") if k in found)
+        rows[f"{stage}" + (f" (test {error} per pixel)" if error else "")] = samples["output"]
     return image_grid(rows, n=64)
 
 

@@ -654,7 +654,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             figures.append((name, f"Train and validation loss and accuracy: {title}."))
 
     stages = stage_runs(client, experiment_id)
-    grids, losses, embeddings = {}, {}, {}
+    grids, losses, errors, embeddings = {}, {}, {}, {}
     for stage, run in sorted(stages.items(), key=natural):
         name = f"loss_curves_{stage}.png"
         history = metric_history(client, run.info.run_id, CURVE_METRICS + TEST_CURVES)
@@ -669,6 +669,7 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
             continue
         grids[stage] = samples
         losses[stage] = run.data.metrics.get("test_loss")
+        errors[stage] = {k: run.data.metrics[f"test_{k}"] for k in ("l1", "l2") if f"test_{k}" in run.data.metrics}
     unknown = sorted(set(drawn or ()) - set(embeddings))
     if unknown:
         raise ValueError(f"--embeddings: no stage with embeddings named {', '.join(unknown)}; "
@@ -676,11 +677,12 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
     if embeddings:
         shown = {k: v for k, v in embeddings.items() if not drawn or k in drawn}
         plots.save(plots.embeddings(shown), out / "embeddings.png", svg=False)
+        drawn_n = " or ".join(f"{n:,}" for n in sorted({len(e["labels"]) for e in shown.values()}))
         figures.append(("embeddings.png", "How each stage's encoder lays out the test set: its top two principal axes "
-                        "(2,000 images, coloured by class) and the distances between class centroids, both in units of "
+                        f"({drawn_n} images, coloured by class) and the distances between class centroids, both in units of "
                         "the embedding's overall spread, so encoders of different scales compare."))
     if grids:
-        plots.save(plots.reconstructions(grids, {k: v for k, v in losses.items() if v is not None}), out / "reconstructions.png", svg=True)
+        plots.save(plots.reconstructions(grids, errors), out / "reconstructions.png", svg=True)
         figures.append(("reconstructions.png", "Test images and their reconstructions by each autoencoder stage "
                         "(64 images; first rows: clean and, for denoising stages, noisy input)."))
 
@@ -702,12 +704,12 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
     blocked = blocked_cells(parent_run, spec, runs, expected)
     present = {f"{t.arm}/labels={t.budget}/steps={t.steps}/seed={t.seed}" for t in trials if t.outcome == "completed"}
     missing = sorted(set(expected) - present - set(blocked))
-    _write_csv(out / "summary.csv", rows)
+    _write_csv(out / "summary.csv", rows, SUMMARY_HEADER)
     if embeddings:
         _write_csv(out / "centroid_distances.csv", [
             {"stage": stage, "class": i, **{str(j): round(v, 4) for j, v in enumerate(row)}}
             for stage, e in sorted(embeddings.items(), key=natural) for i, row in enumerate(e["centroid_dist"].tolist())])
-    table_md = _markdown(rows)
+    table_md = _markdown(rows, finetuned=spec is None or spec.finetune is not None)
     (out / "summary.md").write_text(table_md)
 
     finetuned = spec is None or spec.finetune is not None
@@ -768,7 +770,8 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
     (out / "report.md").write_text("\n".join(md))
     return {"parent": parent, "cells": cells, "rows": rows, "paired": paired + paired_random, "efficiency": efficiency, "missing": missing,
             "blocked": blocked, "outcomes": counts, "problems": problems, "failed": counts.get("finetune", Counter())["failed"],
-            "figures": [f for f, _ in figures], "target": target, "finetuned": finetuned, "stage_losses": losses}
+            "figures": [f for f, _ in figures], "target": target, "finetuned": finetuned, "stage_losses": losses,
+            "stage_errors": errors}
 
 
 def labels_caption(cells: list[Cell]) -> str:
@@ -892,12 +895,17 @@ def summary_rows(cells: list[Cell], target: float | None, keys: tuple = SEARCH_K
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+# summary.csv's columns when it has no row (with rows: theirs, which add the steps-to-target ones with a target)
+SUMMARY_HEADER = ["arm", "labels", "steps", "seeds", "test_acc_mean", "test_acc_ci95", "test_loss_mean", "test_loss_ci95",
+                  "labels_total", "hyperparameters"]
+
+
+def _write_csv(path: Path, rows: list[dict], header: list[str] | None = None) -> None:
+    """``rows`` as CSV; with no rows, ``header`` alone, so that a reader gets an empty table, not an error."""
     with open(path, "w", newline="") as f:
-        if not rows:
-            f.write("")
+        if not rows and not header:
             return
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else header)
         w.writeheader()
         w.writerows(rows)
 
@@ -909,9 +917,9 @@ def ci_text(mean: float | None, half: float | None, spec: str) -> str:
     return format(mean, spec) + (f" ± {format(half, spec)}" if half is not None else "")
 
 
-def _markdown(rows: list[dict]) -> str:
+def _markdown(rows: list[dict], finetuned: bool = True) -> str:
     if not rows:
-        return "_No completed fine-tune trials yet._"
+        return "_No completed fine-tune trials yet._" if finetuned else "_A pretraining-only sweep: it has no fine-tune cells._"
     steps = "steps_to_target" in rows[0]
     head = ["arm", "labels", "labels_total", "steps", "seeds", "test acc (95% CI)", "test loss (95% CI)"]
     head += ["steps to target: median (95% CI)", "seeds reaching it"] if steps else []

@@ -52,7 +52,16 @@ def test_dry_run_table_names_stages_and_resources(tmp_path):
     result = runner.invoke(app, ["run", str(write(tmp_path, MINIMAL)), "--dry-run", "--smoke"])
     assert result.exit_code == 0, result.output
     assert "study-smoke on mnist: 5 trials (1 pretraining, 4 fine-tune)" in result.output  # its own sweep
-    assert "per trial 1.0 CPU, 0.0 GPU" in result.output
+    assert "per trial 1 CPU, 0 GPU" in result.output and "this machine has" not in result.output
+
+
+def test_dry_run_of_a_pretraining_only_sweep_says_nothing_of_label_selection(tmp_path):
+    raw = {k: v for k, v in MINIMAL.items() if k != "finetune"}
+    result = runner.invoke(app, ["run", str(write(tmp_path, raw)), "--dry-run", "--no-estimate", "--set", "resources.cpu=4096"])
+    assert result.exit_code == 0, result.output
+    footer = " ".join(result.output.split()).split("each stage keeps")[1]
+    assert footer.startswith(" its best checkpoint by validation loss; per trial 4096 CPU, 0 GPU (this machine has ")
+    assert "select on" not in result.output and "ASHA" not in result.output and "realistic" not in result.output
 
 
 def test_dry_run_says_where_a_cell_scope_search_runs(tmp_path):

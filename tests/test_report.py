@@ -454,6 +454,10 @@ def test_stage_embeddings_become_a_figure_a_table_and_a_csv(tmp_path):
     assert "## Latent embeddings" in md and f"| ae | {e['separation']:.2f} | {e['spread'][0]:.2f} |" in md
     rows = (tmp_path / "out" / "centroid_distances.csv").read_text().splitlines()
     assert rows[0] == "stage,class," + ",".join(map(str, range(10))) and len(rows) == 11
+    assert "(300 images, coloured by class)" in md  # the points drawn, not a fixed count
+    # A pretraining-only sweep has no fine-tune rows: a table with its header (not an empty file), said plainly.
+    assert (tmp_path / "out" / "summary.csv").read_text().splitlines() == [",".join(R.SUMMARY_HEADER)]
+    assert (tmp_path / "out" / "summary.md").read_text() == "_A pretraining-only sweep: it has no fine-tune cells._"
 
     # a second stage: --embeddings picks the stages the figure draws (a row each); the table keeps both
     run = add_run(client, exp, parent, {"stage": "clf", "seed": 0, "outcome": "completed"}, [("test_loss", 0.2, 10)])
@@ -467,6 +471,19 @@ def test_stage_embeddings_become_a_figure_a_table_and_a_csv(tmp_path):
     assert "| clf |" in (tmp_path / "one" / "report.md").read_text() and "| ae |" in (tmp_path / "one" / "report.md").read_text()
     with pytest.raises(ValueError, match="--embeddings: no stage with embeddings named nope"):
         R.build(client, "known", tmp_path / "bad", drawn=["nope"])
+
+
+def test_reconstructions_are_titled_with_errors_that_compare_across_losses():
+    import torch
+
+    from dlcore import plots
+
+    images = torch.rand(8, 1, 28, 28)
+    grids = {stage: {"clean": images, "input": images, "output": images.flip(0)} for stage in ("dae_l1", "dae_l2", "clf")}
+    fig = plots.reconstructions(grids, {"dae_l1": {"l1": 0.0612, "l2": 0.0211}, "dae_l2": {"l1": 0.0701, "l2": 0.0195}})
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles == ["test images", "dae_l1 (test L1 0.0612, L2 0.0211 per pixel)",
+                      "dae_l2 (test L1 0.0701, L2 0.0195 per pixel)", "clf"]
 
 
 def test_a_sweep_run_before_the_sampler_was_recorded_is_described_as_it_ran():
