@@ -430,7 +430,13 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_uri(store), "--host", host,
            "--port", str(port), "--workers", "1"]
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)", highlight=False)
-    proc, stopped = supervise(cmd)  # mlflow server starts uvicorn and job consumers that would outlive it
+    # Without MLflow's job runner (GenAI evaluation jobs, which dlsweep never submits): 2 processes
+    # instead of 10 on a small machine. A Ctrl-C reaches the server as SIGTERM, which uvicorn ends on
+    # quietly (on SIGINT each process printed its KeyboardInterrupt traceback, for seconds).
+    import signal
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    proc, stopped = supervise(cmd, env=env, forward_as={signal.SIGINT: signal.SIGTERM})
     raise typer.Exit(0 if stopped else proc.returncode)
 
 

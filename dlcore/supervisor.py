@@ -43,21 +43,22 @@ from .store import write_state
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def supervise(cmd: list[str], grace: float = 10.0) -> tuple[subprocess.Popen, bool]:
+def supervise(cmd: list[str], grace: float = 10.0, env: dict | None = None,
+              forward_as: dict[int, int] | None = None) -> tuple[subprocess.Popen, bool]:
     """Run ``cmd`` in a session of its own, pass SIGINT, SIGTERM and SIGHUP on to its whole process
-    group, and return only once no process of that group is left (whatever the leader left
-    behind gets SIGTERM, then SIGKILL after ``grace`` seconds). Returns the ended process and
-    whether a signal was passed on.
+    group (as ``forward_as`` maps them, if it does), and return only once no process of that group
+    is left (whatever the leader left behind gets SIGTERM, then SIGKILL after ``grace`` seconds).
+    Returns the ended process and whether a signal was passed on.
 
     A session of its own, because a terminal's Ctrl-C goes to its whole foreground group: the child
     gets each signal once, from here, and here never dies of it."""
-    proc = subprocess.Popen(cmd, start_new_session=True)  # its pid is its group id
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)  # its pid is its group id
     stopped = []
 
     def forward(signum, _frame):
         stopped.append(signum)
         try:
-            os.killpg(proc.pid, signum)
+            os.killpg(proc.pid, (forward_as or {}).get(signum, signum))
         except ProcessLookupError:
             pass
 

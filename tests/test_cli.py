@@ -222,6 +222,24 @@ def test_ui_sigterm_leaves_no_server_process_behind(tmp_path):
             proc.kill()
 
 
+@pytest.mark.slow
+def test_ui_ctrl_c_stops_the_server_quietly(tmp_path):
+    proc, port, _ = serve_ui(tmp_path)
+    server = descendants(proc.pid)
+    try:
+        assert 1 < len(server) <= 3  # mlflow server and uvicorn: no job runner and consumers
+        proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C: the server runs in a session of its own
+        assert proc.wait(timeout=20) == 0
+        out = proc.stdout.read().decode()
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+        assert not server & set(live_processes()), "server processes outlived dlsweep ui"
+    finally:
+        for pid in (server | descendants(proc.pid)) & set(live_processes()):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_ui_without_store_is_an_error(tmp_path):
     result = runner.invoke(app, ["ui", "--store", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no MLflow store" in result.output
