@@ -372,7 +372,7 @@ def compute_markdown(stages: dict[str, object], cells: list[Cell], target: float
         p, m = run.data.params, run.data.metrics
         steps, batch = int(float(p.get("steps", 0))), _batch(p)
         cost[name] = steps * batch
-        wall = f"{m['wall_s'] / 60:.1f} min" if "wall_s" in m else "-"
+        wall = "-" if "wall_s" not in m else f"{m['wall_s']:.0f} s" if m["wall_s"] < 90 else f"{m['wall_s'] / 60:.1f} min"
         kind = run.data.tags.get(TAG + "objective", "?")
         lines.append(f"| {name} | {kind} | {steps:,} | {batch} | {steps * batch:,} | {int(m.get('train_size', 0)):,} | {wall} |")
     if target is None or not any(t.curve for c in cells for t in c.trials):

@@ -515,6 +515,8 @@ def test_compute_view_sets_pretraining_images_against_fine_tune_images_saved():
     never = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 150), cell("scratch", 100)], 0.8))
     assert "| -1,600 | never |" in never
     assert R.compute_markdown({"ae": stage}, [cell("scratch", 100)], None)[-2].startswith("| ae |")  # no target: cost only
+    stage.data.metrics["wall_s"] = 2.4  # a smoke-sized stage: seconds, not "0.0 min"
+    assert "| 5,000 | 2 s |" in "\n".join(R.compute_markdown({"ae": stage}, [cell("scratch", 100)], None))
     late = "\n".join(R.compute_markdown({"ae": stage}, [cell("pretrained", 50), cell("scratch", None)], 0.8))
     assert "| > 4,800 | - |" in late  # scratch never got there within its 200 steps: over (200 - 50) x 32 saved
 
