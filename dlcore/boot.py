@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .spec import SpecError, Sweep, check_all, format_validation_error
-from .store import Paths, RunError, default_uri, dotted_differences, probe, read_state, resume_command, store_problem
+from .store import Paths, RunError, default_uri, flatten, probe, read_state, resume_command, store_problem
 from .supervisor import reachable
 
 # Quiet Ray before it is imported: no usage prompt, no per-trial loggers, experiment state
@@ -134,7 +134,8 @@ def check_run(sweep: Sweep, source: str, root: Path, tracking_uri: str | None = 
                            "tracking server (--tracking-uri http://...)")
         if state["status"] == "finished":
             raise RunError(f"{source}: nothing to resume: the last run of {sweep.name} finished")
-        ignored = dotted_differences(sweep.model_dump(mode="json", by_alias=True), state["spec"])
+        given, saved = flatten(sweep.model_dump(mode="json", by_alias=True)), flatten(state["spec"])
+        ignored = sorted(k for k in given.keys() | saved.keys() if given.get(k) != saved.get(k))
         try:
             sweep = Sweep.model_validate(state["spec"])
         except ValidationError as e:  # saved by an older dlsweep whose rules were looser

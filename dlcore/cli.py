@@ -435,7 +435,7 @@ def ui(
     # quietly (on SIGINT each process printed its KeyboardInterrupt traceback, for seconds).
     import signal
 
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}  # the user's setting wins
     proc, stopped = supervise(cmd, env=env, forward_as={signal.SIGINT: signal.SIGTERM})
     raise typer.Exit(0 if stopped else proc.returncode)
 

@@ -709,10 +709,10 @@ def _write(client: MlflowClient, experiment: str, experiment_id: str, parent_run
         _write_csv(out / "centroid_distances.csv", [
             {"stage": stage, "class": i, **{str(j): round(v, 4) for j, v in enumerate(row)}}
             for stage, e in sorted(embeddings.items(), key=natural) for i, row in enumerate(e["centroid_dist"].tolist())])
-    table_md = _markdown(rows, finetuned=spec is None or spec.finetune is not None)
+    finetuned = spec is None or spec.finetune is not None
+    table_md = _markdown(rows, finetuned)
     (out / "summary.md").write_text(table_md)
 
-    finetuned = spec is None or spec.finetune is not None
     md = [f"# {experiment}: {'data-efficiency report' if finetuned else 'pretraining report'}", "",
           f"Experiment `{experiment}`, sweep run `{parent}`.", ""]
     md += [protocol(spec, trials, parent_run.data.tags.get(TAG + "sampler")), ""] if finetuned else [

@@ -122,15 +122,15 @@ def resume_command(source: str, flags: tuple[str, ...] = (), storage: str | None
     return shlex.join(["dlsweep", "run", source, "--resume", *flags, *(["--storage", storage] if storage else [])])
 
 
-def dotted_differences(given: dict, saved: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested mappings (a key on one side only counts)."""
-    out = []
-    for key in sorted(set(given) | set(saved), key=str):
-        a, b = given.get(key), saved.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += dotted_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); an empty mapping stays a value."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
     return out
 
 

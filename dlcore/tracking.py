@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray import tune  # noqa: E402
 
-from .store import first_line
+from .store import first_line, flatten
 from .train import RESUME
 
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a fresh store
@@ -49,17 +49,6 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
         return exp.experiment_id
     location = (artifact_root / name).resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
     return client.create_experiment(name, artifact_location=location)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def param_key(key: str) -> str:
